@@ -1,0 +1,438 @@
+"""RemoteSequence: ordered, prefetched, zero-copy access to a dataserver's batches."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import time
+import weakref
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import zmq
+
+from dataserver import layout, shm
+from dataserver.config import default_endpoint
+from dataserver.errors import (
+    ClosedError,
+    ProtocolError,
+    RemoteError,
+    ServerUnavailable,
+    WorkerDiedError,
+)
+from dataserver.protocol import (
+    VERSION,
+    Bye,
+    EpochEnd,
+    Failed,
+    Fetch,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    Ready,
+    Refused,
+    Release,
+    Want,
+    Welcome,
+    decode,
+    encode,
+)
+
+__all__ = ["RemoteSequence"]
+
+#: Blocked this long on the next batch, ask the server to make it even if every slot is held.
+URGENT_AFTER_S = 0.05
+POLL_SLICE_MS = 50
+
+
+def _pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _close_socket(sock: zmq.Socket[bytes], ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    sock.close(0)
+    ctx.term()
+
+
+class RemoteSequence:
+    """A Sequence whose batches a dataserver makes.
+
+    Args:
+        endpoint: where the server listens (``ipc:///path.sock`` or ``tcp://host:port``);
+            default ``$DATASERVER_ENDPOINT``, else the server's default socket.
+        dataset: which of the server's datasets to read.
+        copy: return owned, writable arrays instead of read-only shared-memory views.
+        timeout: seconds without any answer from the server before ``ServerUnavailable``.
+            A slow batch is not a silent server: the client pings while it waits.
+        prefetch: batches requested ahead of the one being read (default: the server's).
+
+    States: open -> closed (``close()``, or leaving a ``with`` block). A RemoteSequence is
+    used from one thread at a time.
+    """
+
+    def __init__(self, endpoint: str | None = None, *, dataset: str = "default",
+                 copy: bool = False, timeout: float = 30.0, prefetch: int | None = None,
+                 name: str = "") -> None:
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive seconds, got {timeout}")
+        self.endpoint = endpoint or default_endpoint()
+        self.copy = copy
+        self.timeout = timeout
+        self._closed = False
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._sock: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDHWM, 0)
+        self._sock.setsockopt(zmq.RCVHWM, 0)
+        self._sock.connect(self.endpoint)
+        self._finalizer = weakref.finalize(self, _close_socket, self._sock, self._ctx)
+        self._releases: deque[tuple[int, int]] = deque()  # (token, bid) from finalizers
+        self._live: dict[int, weakref.finalize[Any, Any]] = {}
+        self._tokens = itertools.count()
+        self._buffer: dict[int, list[Any] | Failed] = {}  # global position -> item
+        self._fetched: dict[tuple[int, int], deque[list[Any] | Failed]] = {}
+        self._discard: Counter[int] = Counter()
+        self._epochs_ended = 0
+        try:
+            w = self._handshake(dataset, name)
+        except BaseException:
+            self._closed = True
+            self._finalizer()
+            raise
+        self.dataset = w.dataset
+        self._len = w.length
+        self.shuffle = w.shuffle
+        self.seed = w.seed
+        self.server_id = w.server_id
+        self.slots = w.slots
+        self.prefetch = prefetch or w.prefetch
+        self._heartbeat = w.heartbeat_s
+        self._server_pid = w.pid if w.pidns and w.pidns == _pid_namespace() else 0
+        self._shm_dir = Path(w.shm_dir)
+        self._ring = shm.attach(self._shm_dir / w.ring, writable=False) if w.ring else None
+        self._release_batch = max(1, (self.slots - self.prefetch) // 2)
+        self._epoch = 0
+        self._cursor = 0  # global position (epoch * len + pos) of the next batch to yield
+        self._requested = 0  # global positions below this were asked for
+
+    # --- handshake and messages -------------------------------------------------------------
+
+    def _handshake(self, dataset: str, name: str) -> Welcome:
+        label = name or f"{socket.gethostname()}:{os.getpid()}"
+        self._send(Hello(VERSION, dataset, os.getpid(), _pid_namespace(), label))
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self._sock.poll(POLL_SLICE_MS):
+                msg = decode(self._sock.recv())
+                if isinstance(msg, Welcome):
+                    if msg.version != VERSION:
+                        raise ProtocolError(
+                            f"server speaks protocol {msg.version}, this client {VERSION}; "
+                            "install the same dataserver version on both sides"
+                        )
+                    return msg
+                if isinstance(msg, Refused):
+                    raise ProtocolError(f"the server refused this client: {msg.reason}")
+        raise ServerUnavailable(
+            f"no dataserver answered at {self.endpoint} within {self.timeout:g} s; start one "
+            "with `dataserver serve MODULE:SEQUENCE` (or check --endpoint / DATASERVER_ENDPOINT)"
+        )
+
+    def _send(self, msg: Message) -> None:
+        self._sock.send(encode(msg))
+
+    def _flush_releases(self) -> None:
+        if not self._releases:
+            return
+        bids = []
+        while self._releases:
+            token, bid = self._releases.popleft()
+            self._live.pop(token, None)
+            bids.append(bid)
+        self._send(Release(bids))
+
+    def _handle(self, data: bytes) -> None:
+        msg = decode(data)
+        if isinstance(msg, Ready):
+            for item in msg.items:
+                self._route(item[0], item[1], item[2], item[3], item)
+        elif isinstance(msg, Failed):
+            self._route(msg.epoch, msg.pos, msg.index, -1, msg)
+        elif isinstance(msg, Refused):
+            raise ProtocolError(f"the server refused a request: {msg.reason}")
+        elif not isinstance(msg, Pong):
+            raise ProtocolError(f"unexpected {type(msg).__name__} from the server")
+
+    def _route(self, epoch: int, pos: int, index: int, bid: int, item: list[Any] | Failed) -> None:
+        if pos < 0:
+            self._fetched.setdefault((epoch, index), deque()).append(item)
+            return
+        g = epoch * self._len + pos
+        if self._discard[g] > 0:
+            self._discard[g] -= 1
+            if not self._discard[g]:
+                del self._discard[g]
+            self._drop(item)
+        elif g < self._cursor or g in self._buffer:
+            self._drop(item)
+        else:
+            self._buffer[g] = item
+
+    def _drop(self, item: list[Any] | Failed) -> None:
+        if not isinstance(item, Failed):
+            self._releases.append((-1, item[3]))
+
+    def _wait(self, ready: Callable[[], bool], urgent: Want | None = None) -> None:
+        """Receive until ``ready()``; ping a quiet server; give up after ``timeout`` of silence."""
+        self._check_open()
+        self._flush_releases()
+        start = heard = time.monotonic()
+        pinged = 0.0
+        while not ready():
+            if self._sock.poll(POLL_SLICE_MS):
+                while True:
+                    try:
+                        data = self._sock.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._handle(data)
+                heard = time.monotonic()
+                continue
+            now = time.monotonic()
+            self._flush_releases()
+            if urgent is not None and now - start > URGENT_AFTER_S:
+                self._send(urgent)
+                urgent = None
+            if self._server_pid and not _pid_alive(self._server_pid):
+                raise ServerUnavailable(
+                    f"the dataserver at {self.endpoint} (pid {self._server_pid}) exited"
+                )
+            if now - heard > self.timeout:
+                raise ServerUnavailable(
+                    f"the dataserver at {self.endpoint} did not answer for {self.timeout:g} s"
+                )
+            if now - heard > self._heartbeat and now - pinged > self._heartbeat:
+                self._send(Ping())
+                pinged = now
+
+    # --- turning announcements into batches -------------------------------------------------
+
+    def _materialize(self, item: list[Any] | Failed) -> Any:
+        if isinstance(item, Failed):
+            raise _error(item)
+        _epoch, _pos, _index, bid, segment, offset, nbytes, lay = item
+        if segment:
+            mm = shm.attach(self._shm_dir / segment, writable=False).mm
+        else:
+            assert self._ring is not None
+            mm = self._ring.mm
+        region = np.frombuffer(mm, np.uint8, count=nbytes, offset=offset)
+        batch = layout.build(lay, region, copy=self.copy)
+        if self.copy:
+            self._releases.append((-1, bid))
+        else:
+            token = next(self._tokens)
+            fin = weakref.finalize(region, self._releases.append, (token, bid))
+            fin.atexit = False
+            self._live[token] = fin
+        del region
+        if len(self._releases) >= self._release_batch:
+            self._flush_releases()
+        return batch
+
+    # --- the stream of positions ------------------------------------------------------------
+
+    def _top_up(self) -> None:
+        """Ask for positions up to ``prefetch`` ahead of the cursor (into the next epoch only
+        once this consumer has shown it steps epochs with on_epoch_end)."""
+        n = self._len
+        limit = self._cursor + self.prefetch
+        if self._epochs_ended == 0:
+            limit = min(limit, (self._epoch + 1) * n)
+        if self._requested - self._cursor > self.prefetch // 2 or self._requested >= limit:
+            return
+        g = max(self._requested, self._cursor)
+        while g < limit:
+            epoch, pos = divmod(g, n)
+            stop = min(n, pos + (limit - g))
+            self._send(Want(epoch, pos, stop, False))
+            g += stop - pos
+        self._requested = limit
+
+    def _next(self) -> Any:
+        g = self._cursor
+        self._top_up()
+        item = self._buffer.pop(g, None)
+        if item is None:
+            epoch, pos = divmod(g, self._len)
+            self._wait(lambda: g in self._buffer, Want(epoch, pos, pos + 1, True))
+            item = self._buffer.pop(g)
+        self._cursor = g + 1
+        return self._materialize(item)
+
+    def _skip_to(self, g: int) -> None:
+        """Move the cursor to ``g``: forward drops what lies between, backward starts over."""
+        if g < self._cursor:
+            for pos in range(self._cursor, self._requested):
+                if pos in self._buffer:
+                    self._drop(self._buffer.pop(pos))
+                else:
+                    self._discard[pos] += 1
+            self._requested = g
+        else:
+            for pos in range(self._cursor, min(g, self._requested)):
+                if pos in self._buffer:
+                    self._drop(self._buffer.pop(pos))
+                else:
+                    self._discard[pos] += 1
+            self._requested = max(self._requested, g)
+        self._cursor = g
+
+    # --- the Sequence interface -------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._len
+
+    @property
+    def epoch(self) -> int:
+        """The epoch this consumer reads: 0 at first, one more after each on_epoch_end()."""
+        return self._epoch
+
+    def __getitem__(self, index: int) -> Any:
+        """The batch at ``index``. Reading indices in order (0, 1, 2, ...) is prefetched;
+        any other index is fetched on demand."""
+        self._check_open()
+        if not isinstance(index, (int, np.integer)) or isinstance(index, bool):
+            raise TypeError(f"batch index must be an int, not {type(index).__name__}")
+        i = int(index)
+        if i < 0:
+            i += self._len
+        if not 0 <= i < self._len:
+            raise IndexError(f"batch index {index} out of range for {self._len} batches")
+        if not self.shuffle:
+            g = self._epoch * self._len + i
+            if self._cursor <= g < self._cursor + max(self.prefetch, 1) + 1:
+                self._skip_to(g)
+                return self._next()
+        return self._fetch(i)
+
+    def _fetch(self, index: int) -> Any:
+        key = (self._epoch, index)
+        self._send(Fetch(self._epoch, index))
+        self._wait(lambda: bool(self._fetched.get(key)))
+        queue = self._fetched[key]
+        item = queue.popleft()
+        if not queue:
+            del self._fetched[key]
+        return self._materialize(item)
+
+    def __iter__(self) -> Iterator[Any]:
+        """One epoch, in order: positions 0..len-1 (the server's permutation when shuffling)."""
+        self._check_open()
+        start = self._epoch * self._len
+        if self._cursor != start:
+            self._skip_to(start)
+        return _EpochIterator(self, self._epoch)
+
+    def on_epoch_end(self) -> None:
+        """End this consumer's epoch: the next iteration reads the next epoch's order."""
+        self._check_open()
+        end = (self._epoch + 1) * self._len
+        if self._cursor < end:
+            self._skip_to(end)
+        self._send(EpochEnd(self._epoch))
+        self._epoch += 1
+        self._epochs_ended += 1
+        for key in [k for k in self._fetched if k[0] < self._epoch]:
+            for item in self._fetched.pop(key):
+                self._drop(item)
+        for g in [g for g in self._discard if g < end - self._len]:
+            del self._discard[g]
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("this RemoteSequence is closed; make a new one")
+
+    def close(self) -> None:
+        """Leave the server. Arrays still referenced stay valid: their slots stay leased until
+        this process exits. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        for item in self._buffer.values():
+            self._drop(item)
+        self._buffer.clear()
+        for queue in self._fetched.values():
+            for item in queue:
+                self._drop(item)
+        self._fetched.clear()
+        held = []
+        for fin in self._live.values():
+            info = fin.detach()
+            if info is not None:
+                held.append(info[2][0][1])
+        self._live.clear()
+        try:
+            released = [bid for _token, bid in self._releases]
+            self._releases.clear()
+            if released:
+                self._send(Release(released))
+            self._send(Bye(held))
+            self._sock.close(linger=1000)
+        finally:
+            self._finalizer()
+
+    def __enter__(self) -> RemoteSequence:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"epoch {self._epoch}"
+        return f"<RemoteSequence {self.dataset!r} at {self.endpoint}: {self._len} batches, {state}>"
+
+
+class _EpochIterator:
+    def __init__(self, seq: RemoteSequence, epoch: int) -> None:
+        self.seq = seq
+        self.epoch = epoch
+        self.end = (epoch + 1) * len(seq)
+
+    def __iter__(self) -> _EpochIterator:
+        return self
+
+    def __next__(self) -> Any:
+        seq = self.seq
+        if seq._closed or seq._epoch != self.epoch or seq._cursor >= self.end:
+            raise StopIteration
+        return seq._next()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _error(f: Failed) -> Exception:
+    if f.kind == "died":
+        return WorkerDiedError(index=f.index, epoch=f.epoch, reason=f.message)
+    return RemoteError(index=f.index, epoch=f.epoch, type_name=f.type_name, message=f.message,
+                       traceback=f.traceback, worker=f.worker, pid=f.pid)

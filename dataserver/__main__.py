@@ -1,0 +1,3 @@
+from dataserver.cli import main
+
+raise SystemExit(main())

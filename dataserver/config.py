@@ -1,0 +1,170 @@
+"""Server options: one validated frozen dataclass that the CLI and the Python API both build."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from dataserver.errors import ConfigError
+
+__all__ = ["ServerConfig", "default_endpoint", "parse_size"]
+
+WorkerType = Literal["process", "thread"]
+StartMethod = Literal["spawn", "forkserver", "fork"]
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "t": 1000**4, "tb": 1000**4,
+    "ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2, "gi": 1024**3, "gib": 1024**3,
+    "ti": 1024**4, "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: str | int, option: str = "size") -> int:
+    """Bytes from ``4096``, ``"64MiB"``, ``"1GB"`` (powers of 1024 for KiB/MiB/GiB)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise ConfigError(f"{option} must be positive, got {value}")
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(
+            f"{option}: {value!r} is not a size; write bytes or a unit, e.g. 4096, 64MiB, 1GB"
+        )
+    n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise ConfigError(f"{option} must be positive, got {value!r}")
+    return n
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_endpoint() -> str:
+    """``$DATASERVER_ENDPOINT``, else the socket in the private runtime directory."""
+    from dataserver.shm import runtime_root
+
+    return os.environ.get("DATASERVER_ENDPOINT") or f"ipc://{runtime_root()}/dataserver.sock"
+
+
+def check_endpoint(endpoint: str, insecure: bool = False) -> None:
+    if endpoint.startswith("ipc://"):
+        if len(endpoint) <= len("ipc://"):
+            raise ConfigError("--endpoint ipc:// needs a socket path, e.g. ipc:///run/ds/train.sock")
+        return
+    if endpoint.startswith("tcp://"):
+        hostport = endpoint[len("tcp://"):]
+        host, sep, port = hostport.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ConfigError(
+                f"--endpoint {endpoint}: a tcp endpoint needs host:port, e.g. tcp://127.0.0.1:5555"
+            )
+        host = host.strip("[]")
+        loopback = host == "localhost"
+        if not loopback:
+            try:
+                loopback = ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                loopback = False
+        if not loopback and not insecure:
+            raise ConfigError(
+                f"--endpoint {endpoint} would serve batches beyond this machine without "
+                "authentication; bind to 127.0.0.1, or pass --insecure if the network is trusted"
+            )
+        return
+    raise ConfigError(
+        f"--endpoint {endpoint!r} is not supported; use ipc:///path/to.sock or tcp://127.0.0.1:PORT"
+    )
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Every server option, validated. Defaults and why:
+
+    * ``workers``: the CPUs this process may use; more only adds contention.
+    * ``worker_type="process"``: Python-level decoding holds the GIL; threads suit numpy/IO work.
+    * ``prefetch``: batches produced ahead of each consumer; 2 per worker keeps every worker busy
+      while the consumer works, without holding much memory.
+    * ``slots``: prefetch + 4: the batch in the user's hands, the one being fetched, and slack.
+    * ``slot_bytes=None`` (auto): size slots from the first batch with 25 % headroom.
+    * ``start_method="spawn"``: ZeroMQ contexts and threads do not survive fork.
+    * ``max_retries=2``: a batch whose worker died is retried twice, then reported.
+    * ``batch_timeout=None``: a batch may take as long as it takes unless you set a deadline.
+    """
+
+    endpoint: str = ""
+    workers: int = 0
+    worker_type: WorkerType = "process"
+    prefetch: int = 0
+    slots: int = 0
+    slot_bytes: int | None = None
+    shuffle: bool = False
+    seed: int = 0
+    start_method: StartMethod = "spawn"
+    max_retries: int = 2
+    batch_timeout: float | None = None
+    startup_timeout: float = 120.0
+    insecure: bool = False
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        def set_(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)
+
+        if not self.endpoint:
+            set_("endpoint", default_endpoint())
+        check_endpoint(self.endpoint, self.insecure)
+        if self.workers == 0:
+            set_("workers", usable_cpus())
+        _positive("workers", self.workers)
+        if self.worker_type not in ("process", "thread"):
+            raise ConfigError(f"--worker-type must be process or thread, got {self.worker_type!r}")
+        if self.start_method not in ("spawn", "forkserver", "fork"):
+            raise ConfigError(
+                f"--start-method must be spawn, forkserver or fork, got {self.start_method!r}"
+            )
+        if self.prefetch == 0:
+            set_("prefetch", max(4, 2 * self.workers))
+        _positive("prefetch", self.prefetch)
+        if self.slots == 0:
+            set_("slots", self.prefetch + 4)
+        _positive("slots", self.slots)
+        if self.slots < 2:
+            raise ConfigError("--slots must be at least 2")
+        if self.slot_bytes is not None:
+            set_("slot_bytes", parse_size(self.slot_bytes, "--slot-bytes"))
+        if self.max_retries < 0:
+            raise ConfigError(f"--max-retries must be 0 or more, got {self.max_retries}")
+        if self.batch_timeout is not None and self.batch_timeout <= 0:
+            raise ConfigError(f"--batch-timeout must be positive seconds, got {self.batch_timeout}")
+        if self.startup_timeout <= 0:
+            raise ConfigError(f"startup_timeout must be positive, got {self.startup_timeout}")
+
+    @classmethod
+    def from_options(cls, **options: Any) -> ServerConfig:
+        """Build from keyword options, naming any unknown one."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+        if options.get("slot_bytes") == "auto":
+            options["slot_bytes"] = None
+        return cls(**options)
+
+
+def _positive(name: str, value: int) -> None:
+    if type(value) is not int or value <= 0:
+        raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")

@@ -1,0 +1,205 @@
+"""How a batch is laid out in a shared-memory region, and rebuilt from it.
+
+A batch is any nesting of tuple, list and dict (string or integer keys) whose leaves are numpy
+arrays, numpy scalars, Python scalars (None, bool, int, float, str) and bytes. The worker calls
+:func:`plan` to place every array at a 64-byte aligned offset and to describe the structure in a
+small msgpack *layout*; :func:`write` copies the arrays into the region (the one copy a batch
+costs); the consumer calls :func:`build` to rebuild the same structure as numpy views into the
+region. The layout travels in the announcement, never pickled.
+
+Layout nodes (msgpack arrays):
+
+====================================  ===================================================
+``[0, descr, shape, offset]``          ndarray; ``descr`` is ``dtype.str`` or a structured descr
+``[1, [child, ...]]``                  tuple
+``[2, [child, ...]]``                  list
+``[3, [[key, child], ...]]``           dict (insertion order kept)
+``[4, value]``                         None, bool, int, float, str or small bytes, inline
+``[5, offset, length]``                bytes stored in the region
+``[6, descr, raw]``                    numpy scalar
+====================================  ===================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from dataserver.errors import DataServerError
+
+__all__ = ["ALIGN", "BatchFormatError", "Plan", "build", "plan", "write"]
+
+ALIGN = 64
+#: bytes objects up to this size travel inline in the layout; larger ones in the region.
+INLINE_BYTES_MAX = 1024
+_INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
+
+_ARRAY, _TUPLE, _LIST, _DICT, _VALUE, _BYTES, _SCALAR = range(7)
+
+
+class BatchFormatError(DataServerError, TypeError):
+    """A batch holds something that cannot travel through shared memory."""
+
+
+@dataclass
+class Plan:
+    """Where each piece of one batch goes: ``nbytes`` of region, plus the layout to announce."""
+
+    layout: bytes
+    nbytes: int
+    arrays: list[tuple[int, np.ndarray[Any, Any]]] = field(default_factory=list)
+    blobs: list[tuple[int, bytes]] = field(default_factory=list)
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) & ~(ALIGN - 1)
+
+
+def _descr(dtype: np.dtype[Any]) -> Any:
+    if dtype.fields is None and dtype.subdtype is None:
+        return dtype.str
+    return np.lib.format.dtype_to_descr(dtype)
+
+
+def _dtype(descr: Any) -> np.dtype[Any]:
+    dtype = np.dtype(descr) if isinstance(descr, str) else np.lib.format.descr_to_dtype(
+        _tuplify(descr)
+    )
+    if dtype.hasobject:
+        raise BatchFormatError(f"layout names an object dtype {descr!r}; refusing to build it")
+    return dtype
+
+
+def _tuplify(descr: Any) -> Any:
+    # msgpack turns the (name, format[, shape]) tuples of a structured descr into lists.
+    if isinstance(descr, list):
+        return [tuple(_tuplify(x) for x in item) if isinstance(item, list) else item
+                for item in descr]
+    return descr
+
+
+def _where(index: int, path: tuple[Any, ...]) -> str:
+    return f"batch {index}: batch" + "".join(f"[{p!r}]" for p in path)
+
+
+class _Planner:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.offset = 0
+        self.arrays: list[tuple[int, np.ndarray[Any, Any]]] = []
+        self.blobs: list[tuple[int, bytes]] = []
+
+    def node(self, obj: Any, path: tuple[Any, ...]) -> Any:
+        if isinstance(obj, np.ndarray):
+            return self.array(obj, path)
+        if obj is None or isinstance(obj, (bool, float, str)):
+            return [_VALUE, obj]
+        if isinstance(obj, int):
+            if not _INT64_MIN <= obj <= _UINT64_MAX:
+                raise BatchFormatError(
+                    f"{_where(self.index, path)} is the integer {obj}, outside 64 bits; "
+                    "store it as a string or a numpy array"
+                )
+            return [_VALUE, obj]
+        if isinstance(obj, np.generic):
+            if obj.dtype.hasobject:
+                raise self.object_error(path)
+            return [_SCALAR, _descr(obj.dtype), obj.tobytes()]
+        if isinstance(obj, (bytes, bytearray, memoryview)):
+            data = bytes(obj)
+            if len(data) <= INLINE_BYTES_MAX:
+                return [_VALUE, data]
+            off = _align(self.offset)
+            self.offset = off + len(data)
+            self.blobs.append((off, data))
+            return [_BYTES, off, len(data)]
+        if isinstance(obj, tuple):
+            return [_TUPLE, [self.node(v, (*path, i)) for i, v in enumerate(obj)]]
+        if isinstance(obj, list):
+            return [_LIST, [self.node(v, (*path, i)) for i, v in enumerate(obj)]]
+        if isinstance(obj, dict):
+            items = []
+            for k, v in obj.items():
+                if not isinstance(k, (str, int)) or isinstance(k, bool):
+                    raise BatchFormatError(
+                        f"{_where(self.index, path)} has a key {k!r} of type "
+                        f"{type(k).__name__}; dict keys must be str or int"
+                    )
+                items.append([k, self.node(v, (*path, k))])
+            return [_DICT, items]
+        if hasattr(obj, "__array__") or hasattr(obj, "__array_interface__"):
+            return self.array(np.asarray(obj), path)
+        raise BatchFormatError(
+            f"{_where(self.index, path)} is a {type(obj).__module__}.{type(obj).__qualname__}; "
+            "a batch may hold numpy arrays, scalars, str, bytes and None, nested in "
+            "tuples, lists and dicts"
+        )
+
+    def object_error(self, path: tuple[Any, ...]) -> BatchFormatError:
+        return BatchFormatError(
+            f"{_where(self.index, path)} has dtype object, which cannot live in shared memory; "
+            "convert it to a numeric or fixed-width string dtype (np.stack the items, or "
+            "np.asarray(..., dtype=...)) or return it as a list"
+        )
+
+    def array(self, arr: np.ndarray[Any, Any], path: tuple[Any, ...]) -> Any:
+        if arr.dtype.hasobject:
+            raise self.object_error(path)
+        off = _align(self.offset)
+        self.offset = off + arr.nbytes
+        if arr.nbytes:
+            self.arrays.append((off, arr))
+        return [_ARRAY, _descr(arr.dtype), list(arr.shape), off]
+
+
+def plan(batch: Any, index: int) -> Plan:
+    """Place every piece of ``batch`` (the batch at ``index``, named in errors)."""
+    planner = _Planner(index)
+    tree = planner.node(batch, ())
+    layout = msgpack.packb(tree, use_bin_type=True)
+    return Plan(layout, planner.offset, planner.arrays, planner.blobs)
+
+
+def write(p: Plan, region: np.ndarray[Any, Any]) -> None:
+    """Copy the planned pieces into ``region`` (a writable uint8 array of at least p.nbytes)."""
+    for off, arr in p.arrays:
+        dst = region[off : off + arr.nbytes].view(arr.dtype).reshape(arr.shape)
+        np.copyto(dst, arr, casting="no")
+    for off, data in p.blobs:
+        region[off : off + len(data)] = np.frombuffer(data, np.uint8)
+
+
+def build(layout: bytes, region: np.ndarray[Any, Any], copy: bool = False) -> Any:
+    """Rebuild a batch from its layout as views into ``region`` (owned copies if ``copy``)."""
+    tree = msgpack.unpackb(layout, raw=False, strict_map_key=False, use_list=True)
+    return _build(tree, region, copy)
+
+
+def _build(node: list[Any], region: np.ndarray[Any, Any], copy: bool) -> Any:
+    tag = node[0]
+    if tag == _ARRAY:
+        _, descr, shape, off = node
+        dtype = _dtype(descr)
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if count * dtype.itemsize == 0:
+            return np.empty(shape, dtype)
+        arr = np.ndarray(shape, dtype, buffer=region, offset=off)
+        return arr.copy() if copy else arr
+    if tag == _TUPLE:
+        return tuple(_build(c, region, copy) for c in node[1])
+    if tag == _LIST:
+        return [_build(c, region, copy) for c in node[1]]
+    if tag == _DICT:
+        return {k: _build(c, region, copy) for k, c in node[1]}
+    if tag == _VALUE:
+        return node[1]
+    if tag == _BYTES:
+        _, off, n = node
+        return region[off : off + n].tobytes()
+    if tag == _SCALAR:
+        _, descr, raw = node
+        return np.frombuffer(raw, _dtype(descr))[0]
+    raise BatchFormatError(f"unknown layout node {tag!r}")

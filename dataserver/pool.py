@@ -1,0 +1,127 @@
+"""Start, watch and stop workers (processes or threads)."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import threading
+import time
+from dataclasses import dataclass, replace
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from dataserver.worker import WorkerSpec, worker_main
+
+__all__ = ["Pool", "WorkerHandle", "describe_exit"]
+
+log = logging.getLogger("dataserver")
+JOIN_TIMEOUT_S = 3.0
+TERMINATE_TIMEOUT_S = 2.0
+
+
+def describe_exit(code: int | None) -> str:
+    """``-9`` -> "killed by SIGKILL", ``3`` -> "exit code 3"."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+@dataclass
+class WorkerHandle:
+    spec: WorkerSpec
+    process: BaseProcess | None = None
+    thread: threading.Thread | None = None
+
+    @property
+    def sentinel(self) -> int | None:
+        return self.process.sentinel if self.process is not None else None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def alive(self) -> bool:
+        if self.process is not None:
+            return self.process.is_alive()
+        return self.thread is not None and self.thread.is_alive()
+
+    def exit_reason(self) -> str:
+        if self.process is not None:
+            return describe_exit(self.process.exitcode)
+        return "thread ended"
+
+
+class Pool:
+    """The worker set. ``start(i)`` starts (or replaces) worker slot ``i`` as a new incarnation."""
+
+    def __init__(self, template: WorkerSpec, start_method: str) -> None:
+        self.template = template
+        self.mp: Any = multiprocessing.get_context(start_method)
+        self.handles: dict[int, WorkerHandle] = {}  # by incarnation
+        self._next = 0
+
+    def start(self, index: int) -> WorkerHandle:
+        spec = replace(self.template, worker=index, incarnation=self._next)
+        self._next += 1
+        h = WorkerHandle(spec)
+        if spec.kind == "process":
+            h.process = self.mp.Process(target=worker_main, args=(spec,),
+                                        name=f"dataserver-worker-{index}", daemon=False)
+            h.process.start()
+        else:
+            h.thread = threading.Thread(target=worker_main, args=(spec,),
+                                        name=f"dataserver-worker-{index}", daemon=True)
+            h.thread.start()
+        self.handles[spec.incarnation] = h
+        return h
+
+    def forget(self, incarnation: int) -> WorkerHandle | None:
+        h = self.handles.pop(incarnation, None)
+        if h is not None and h.process is not None:
+            h.process.join(0.1)
+            if not h.process.is_alive():
+                h.process.close()
+        return h
+
+    def kill(self, incarnation: int) -> None:
+        h = self.handles.get(incarnation)
+        if h is not None and h.process is not None and h.process.is_alive():
+            h.process.kill()
+
+    def stop_all(self, send_stop: object) -> None:
+        """Ask every worker to stop (``send_stop(incarnation)``), then escalate: join, SIGTERM,
+        SIGKILL, each with a deadline, logging every escalation."""
+        for inc in list(self.handles):
+            send_stop(inc)  # type: ignore[operator]
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        for h in self.handles.values():
+            remaining = max(0.0, deadline - time.monotonic())
+            if h.process is not None:
+                h.process.join(remaining)
+            elif h.thread is not None:
+                h.thread.join(remaining)
+        for h in self.handles.values():
+            p = h.process
+            if p is not None and p.is_alive():
+                log.warning("worker %d (pid %s) did not stop in %.0f s; sending SIGTERM",
+                            h.spec.worker, p.pid, JOIN_TIMEOUT_S)
+                p.terminate()
+                p.join(TERMINATE_TIMEOUT_S)
+                if p.is_alive():
+                    log.warning("worker %d (pid %s) ignored SIGTERM; sending SIGKILL",
+                                h.spec.worker, p.pid)
+                    p.kill()
+                    p.join(TERMINATE_TIMEOUT_S)
+            if h.thread is not None and h.thread.is_alive():
+                log.warning("worker thread %d is stuck in the Sequence; abandoning it",
+                            h.spec.worker)
+        for h in self.handles.values():
+            if h.process is not None and not h.process.is_alive():
+                h.process.close()
+        self.handles.clear()

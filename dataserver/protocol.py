@@ -1,0 +1,369 @@
+"""Every message that crosses a socket, and the one codec that encodes and checks them.
+
+A message is a small frozen dataclass with a numeric ``KIND``. On the wire it is the msgpack
+array ``[KIND, field, field, ...]`` in declaration order. :func:`decode` trusts nothing: it
+checks the array shape, the kind, the field count and each field's type before building the
+object, and raises :class:`~dataserver.errors.ProtocolError` otherwise. Nothing is pickled.
+
+Two conversations use it:
+
+* consumer <-> server on the public endpoint (``Hello`` ... ``Bye`` one way, ``Welcome`` ...
+  ``Refused`` the other). The consumer sends ``Hello`` first; a server whose ``VERSION``
+  differs answers ``Refused`` and the client raises a clear error.
+* server <-> worker on a private endpoint inside the server's runtime directory.
+
+Imports only the standard library and msgpack: the client uses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import msgpack
+
+from dataserver.errors import ProtocolError
+
+__all__ = [
+    "VERSION",
+    "Bye",
+    "Done",
+    "EpochEnd",
+    "Failed",
+    "Fetch",
+    "Hello",
+    "Message",
+    "Ping",
+    "Pong",
+    "Raised",
+    "Ready",
+    "Refused",
+    "Release",
+    "StartFailed",
+    "Stop",
+    "Tasks",
+    "UseRing",
+    "Want",
+    "Welcome",
+    "WorkerReady",
+    "decode",
+    "encode",
+]
+
+VERSION = 1
+#: Largest message the server accepts from a consumer: consumer messages are all small.
+MAX_CONSUMER_MESSAGE_BYTES = 1 << 20
+
+Check = Callable[[Any], bool]
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int
+
+
+def _is_uint(v: Any) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _is_bool(v: Any) -> bool:
+    return type(v) is bool
+
+
+def _is_str(v: Any) -> bool:
+    return type(v) is str
+
+
+def _is_bytes(v: Any) -> bool:
+    return type(v) is bytes
+
+
+def _is_float(v: Any) -> bool:
+    return type(v) in (float, int)
+
+
+def _is_uint_list(v: Any) -> bool:
+    return type(v) is list and all(type(x) is int and x >= 0 for x in v)
+
+
+def _is_list(v: Any) -> bool:
+    return type(v) is list
+
+
+_CHECKS: dict[str, Check] = {
+    "int": _is_int,
+    "uint": _is_uint,
+    "bool": _is_bool,
+    "str": _is_str,
+    "bytes": _is_bytes,
+    "float": _is_float,
+    "list[uint]": _is_uint_list,
+    "list": _is_list,
+}
+
+
+class Message:
+    """Base of every message: ``KIND`` tags it on the wire, ``FIELDS`` names each field's check."""
+
+    KIND: ClassVar[int]
+    FIELDS: ClassVar[tuple[str, ...]]
+    NAMES: ClassVar[tuple[str, ...]]
+
+
+_BY_KIND: dict[int, tuple[type[Message], tuple[Check, ...]]] = {}
+M = TypeVar("M", bound=type[Message])
+
+
+def _message(kind: int, *fields: str) -> Callable[[M], M]:
+    def register(cls: M) -> M:
+        assert kind not in _BY_KIND, kind
+        names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        assert len(names) == len(fields), (cls, names, fields)
+        cls.KIND = kind
+        cls.FIELDS = fields
+        cls.NAMES = tuple(names)
+        _BY_KIND[kind] = (cls, tuple(_CHECKS[f] for f in fields))
+        return cls
+
+    return register
+
+
+# --- consumer -> server --------------------------------------------------------------------
+
+
+@_message(1, "uint", "str", "uint", "uint", "str")
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """First message of a consumer: protocol version, dataset, and who it is (for lease reclaim)."""
+
+    version: int
+    dataset: str
+    pid: int
+    pidns: int  # inode of /proc/self/ns/pid; equal on both sides means pids are comparable
+    name: str
+
+
+@_message(2, "uint", "uint", "uint", "bool")
+@dataclass(frozen=True, slots=True)
+class Want(Message):
+    """Produce and announce positions ``[start, stop)`` of ``epoch``'s order.
+
+    ``urgent`` says the consumer is blocked on ``start``: the server produces it even if every
+    ring slot is held (into a one-off segment), so holding batches can never deadlock.
+    """
+
+    epoch: int
+    start: int
+    stop: int
+    urgent: bool
+
+
+@_message(3, "uint", "uint")
+@dataclass(frozen=True, slots=True)
+class Fetch(Message):
+    """Random access: produce and announce the batch with ``index`` (not position) in ``epoch``."""
+
+    epoch: int
+    index: int
+
+
+@_message(4, "list[uint]")
+@dataclass(frozen=True, slots=True)
+class Release(Message):
+    """The consumer holds no more references to these batches; their slots may be reused."""
+
+    bids: list[int]
+
+
+@_message(5, "uint")
+@dataclass(frozen=True, slots=True)
+class EpochEnd(Message):
+    """The consumer finished ``epoch`` and called ``on_epoch_end``."""
+
+    epoch: int
+
+
+@_message(6)
+@dataclass(frozen=True, slots=True)
+class Ping(Message):
+    """Are you alive? Sent by a waiting consumer when it has heard nothing for a while."""
+
+
+@_message(7, "list[uint]")
+@dataclass(frozen=True, slots=True)
+class Bye(Message):
+    """The consumer leaves. ``held`` are batches whose arrays are still referenced in it:
+    their slots stay leased until its process exits."""
+
+    held: list[int]
+
+
+# --- server -> consumer --------------------------------------------------------------------
+
+
+@_message(20, "uint", "str", "str", "uint", "bool", "uint", "str", "str", "uint", "uint",
+          "uint", "uint", "uint", "float")
+@dataclass(frozen=True, slots=True)
+class Welcome(Message):
+    version: int
+    server_id: str
+    dataset: str
+    length: int
+    shuffle: bool
+    seed: int
+    shm_dir: str
+    ring: str  # file name of the ring segment inside shm_dir
+    slot_bytes: int
+    slots: int
+    prefetch: int
+    pid: int
+    pidns: int
+    heartbeat_s: float
+
+
+@_message(21, "list")
+@dataclass(frozen=True, slots=True)
+class Ready(Message):
+    """Batches now readable. Each item is
+    ``[epoch, pos, index, bid, segment, offset, nbytes, layout]``; ``pos`` is -1 for a Fetch,
+    ``segment`` is "" for the ring (then ``offset`` is the slot's) or a one-off segment's name.
+    Each item is one lease, to be given back with ``Release``."""
+
+    items: list[Any]
+
+
+@_message(22, "int", "int", "uint", "str", "str", "str", "str", "int", "int")
+@dataclass(frozen=True, slots=True)
+class Failed(Message):
+    """Producing a wanted batch failed: ``kind`` is "raised" or "died"."""
+
+    epoch: int
+    pos: int
+    index: int
+    kind: str
+    type_name: str
+    message: str
+    traceback: str
+    worker: int
+    pid: int
+
+
+@_message(23)
+@dataclass(frozen=True, slots=True)
+class Pong(Message):
+    pass
+
+
+@_message(24, "str")
+@dataclass(frozen=True, slots=True)
+class Refused(Message):
+    """The consumer's last message was refused; ``reason`` says why and what to do."""
+
+    reason: str
+
+
+# --- server <-> worker ---------------------------------------------------------------------
+
+
+@_message(40, "str", "uint", "uint")
+@dataclass(frozen=True, slots=True)
+class UseRing(Message):
+    """Attach the ring segment ``ring`` (a file in the shm dir) of ``slots`` x ``slot_bytes``."""
+
+    ring: str
+    slot_bytes: int
+    slots: int
+
+
+@_message(41, "list")
+@dataclass(frozen=True, slots=True)
+class Tasks(Message):
+    """Produce these batches, in order. Each item is ``[bid, epoch, index, slot]``; slot -1
+    means "write into a one-off segment"."""
+
+    items: list[Any]
+
+
+@_message(42)
+@dataclass(frozen=True, slots=True)
+class Stop(Message):
+    pass
+
+
+@_message(50, "uint", "uint")
+@dataclass(frozen=True, slots=True)
+class WorkerReady(Message):
+    worker: int
+    pid: int
+
+
+@_message(51, "uint", "str", "str", "str")
+@dataclass(frozen=True, slots=True)
+class StartFailed(Message):
+    """The worker could not load the Sequence."""
+
+    worker: int
+    type_name: str
+    message: str
+    traceback: str
+
+
+@_message(52, "uint", "str", "uint", "bytes")
+@dataclass(frozen=True, slots=True)
+class Done(Message):
+    """Batch ``bid`` is written: into its slot (``segment`` "") or a one-off segment."""
+
+    bid: int
+    segment: str
+    nbytes: int
+    layout: bytes
+
+
+@_message(53, "uint", "str", "str", "str")
+@dataclass(frozen=True, slots=True)
+class Raised(Message):
+    """The Sequence raised producing batch ``bid``."""
+
+    bid: int
+    type_name: str
+    message: str
+    traceback: str
+
+
+_packer = msgpack.Packer(use_bin_type=True)
+
+
+def encode(msg: Message) -> bytes:
+    """Encode a message as ``[KIND, *fields]`` msgpack."""
+    data: bytes = _packer.pack([msg.KIND, *[getattr(msg, name) for name in msg.NAMES]])
+    return data
+
+
+def decode(data: bytes, max_bytes: int = sys.maxsize) -> Message:
+    """Decode and check one message; raise ProtocolError on anything unexpected."""
+    if len(data) > max_bytes:
+        raise ProtocolError(f"message of {len(data)} bytes is larger than the {max_bytes} allowed")
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise ProtocolError(f"message is not valid msgpack ({type(exc).__name__})") from None
+    if type(obj) is not list or not obj or type(obj[0]) is not int:
+        raise ProtocolError("message is not a [kind, fields...] array")
+    entry = _BY_KIND.get(obj[0])
+    if entry is None:
+        raise ProtocolError(f"unknown message kind {obj[0]}")
+    cls, checks = entry
+    fields = obj[1:]
+    if len(fields) != len(checks):
+        raise ProtocolError(
+            f"{cls.__name__} takes {len(checks)} fields, got {len(fields)}"
+        )
+    for i, (value, check) in enumerate(zip(fields, checks, strict=True)):
+        if not check(value):
+            raise ProtocolError(
+                f"{cls.__name__} field {cls.NAMES[i]!r} has a bad value of type "
+                f"{type(value).__name__}"
+            )
+    return cls(*fields)

@@ -1,0 +1,459 @@
+"""Which batch is made where, and who holds what. Pure bookkeeping: no sockets, no processes.
+
+The ring is a cache of batches keyed by ``(epoch, index)``. An :class:`Entry` moves
+PENDING (wanted, queued) -> RUNNING (a worker writes it into a slot) -> READY (announced; each
+consumer that wanted it holds one lease per announcement). When the last lease is released and
+nobody else waits for it, its slot goes back to the free list (or its one-off segment is
+unlinked). Wants are served first in, first out, so production follows each consumer's order;
+an *urgent* want (the consumer is blocked on it) jumps the queue and, if every slot is held,
+is produced into a one-off segment, so a consumer holding many batches never deadlocks.
+
+The server calls the event methods (``want``, ``release``, ``done``, ``worker_gone`` ...), then
+``dispatch()``, then sends what collected in ``out_ready``, ``out_failed`` and ``out_tasks`` and
+unlinks ``to_unlink``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dataserver.protocol import Failed
+
+__all__ = ["ConsumerState", "Entry", "Scheduler", "WorkerState"]
+
+PENDING, RUNNING, READY = 0, 1, 2
+#: The widest range one Want may name, and the most wants one consumer may have outstanding.
+MAX_WANT_SPAN = 4096
+MAX_WAITING = 65536
+
+
+class Entry:
+    __slots__ = ("attempts", "bid", "epoch", "index", "keep", "layout", "leases", "nbytes",
+                 "segment", "slot", "started", "state", "urgent", "waiters", "worker")
+
+    def __init__(self, bid: int, epoch: int, index: int) -> None:
+        self.bid = bid
+        self.epoch = epoch
+        self.index = index
+        self.state = PENDING
+        self.slot = -1
+        self.segment = ""
+        self.nbytes = 0
+        self.layout = b""
+        self.attempts = 0
+        self.worker = -1
+        self.started = 0.0
+        self.leases = 0
+        self.waiters: list[tuple[bytes, int]] = []
+        self.urgent = False
+        self.keep = False  # produced before anyone asked (the slot-sizing probe)
+
+
+@dataclass
+class ConsumerState:
+    cid: bytes
+    pid: int
+    same_host: bool
+    name: str
+    dataset: str
+    leases: Counter[int] = field(default_factory=Counter)
+    waiting: int = 0
+    epoch: int = 0
+    position: int = 0
+    gone: bool = False  # said Bye but still holds views (leases kept until its pid exits)
+    joined: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class WorkerState:
+    wid: int  # incarnation
+    index: int  # stable worker index
+    pid: int = 0
+    ready: bool = False
+    epoch: int = 0
+    inflight: set[int] = field(default_factory=set)
+    done: int = 0
+    errors: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        length: int,
+        *,
+        shuffle: bool,
+        seed: int,
+        max_retries: int,
+        depth: int,
+        barrier: bool,
+        on_epoch_advance: Callable[[int], None] | None = None,
+    ) -> None:
+        self.length = length
+        self.shuffle = shuffle
+        self.seed = seed
+        self.max_retries = max_retries
+        self.depth = depth  # tasks queued per worker, the running one included
+        self.barrier = barrier  # thread workers share one Sequence: finish an epoch first
+        self.on_epoch_advance = on_epoch_advance
+        self.epoch_running = 0
+        self.running_epochs: Counter[int] = Counter()
+        self.entries: dict[tuple[int, int], Entry] = {}
+        self.by_bid: dict[int, Entry] = {}
+        self.pending: deque[Entry] = deque()
+        self.slots = 0
+        self.slot_bytes = 0
+        self.free_slots: deque[int] = deque()
+        self.quarantined: set[int] = set()
+        self.consumers: dict[bytes, ConsumerState] = {}
+        self.workers: dict[int, WorkerState] = {}
+        self.out_ready: dict[bytes, list[list[Any]]] = {}
+        self.out_failed: list[tuple[bytes, Failed]] = []
+        self.out_tasks: dict[int, list[list[int]]] = {}
+        self.to_unlink: list[str] = []
+        self.stats: Counter[str] = Counter()
+        self.largest_oversize = 0
+        self.probe_error: str | None = None
+        self._next_bid = 1
+        self._orders: OrderedDict[int, Sequence[int]] = OrderedDict()
+
+    # --- order and ring ---------------------------------------------------------------------
+
+    def order(self, epoch: int) -> Sequence[int]:
+        """Batch indices in the order of ``epoch``: identity, or a permutation of seed and epoch."""
+        if not self.shuffle:
+            return range(self.length)
+        perm = self._orders.get(epoch)
+        if perm is None:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.length).tolist()
+            self._orders[epoch] = perm
+            while len(self._orders) > 4:
+                self._orders.popitem(last=False)
+        return perm
+
+    def probe(self) -> Entry:
+        """Make the first batch of epoch 0 before anyone asks (to size the slots); it is kept
+        for the first consumer that wants it. A failure lands in ``probe_error``."""
+        e = self._entry(0, int(self.order(0)[0]))
+        e.keep = True
+        return e
+
+    def set_ring(self, slots: int, slot_bytes: int) -> None:
+        self.slots = slots
+        self.slot_bytes = slot_bytes
+        self.free_slots = deque(range(slots))
+
+    # --- consumers --------------------------------------------------------------------------
+
+    def add_consumer(self, c: ConsumerState) -> None:
+        self.consumers[c.cid] = c
+
+    def _entry(self, epoch: int, index: int) -> Entry:
+        key = (epoch, index)
+        e = self.entries.get(key)
+        if e is None:
+            e = Entry(self._next_bid, epoch, index)
+            self._next_bid += 1
+            self.entries[key] = e
+            self.by_bid[e.bid] = e
+            self.pending.append(e)
+        return e
+
+    def _wait(self, c: ConsumerState, e: Entry, pos: int) -> None:
+        e.waiters.append((c.cid, pos))
+        c.waiting += 1
+        if e.state == READY:
+            self._deliver(e)
+
+    def want(self, cid: bytes, epoch: int, start: int, stop: int, urgent: bool) -> str | None:
+        """Queue positions [start, stop) of epoch; returns a refusal reason or None."""
+        c = self.consumers.get(cid)
+        if c is None or c.gone:
+            return "Want before Hello; send Hello first"
+        if not start < stop <= self.length or stop - start > MAX_WANT_SPAN:
+            return (f"Want [{start}, {stop}) is not a range of positions within 0..{self.length} "
+                    f"of at most {MAX_WANT_SPAN}")
+        if c.waiting + (stop - start) > MAX_WAITING:
+            return f"more than {MAX_WAITING} batches wanted and not yet announced"
+        order = self.order(epoch)
+        c.epoch, c.position = epoch, start
+        for pos in range(start, stop):
+            e = self._entry(epoch, int(order[pos]))
+            if urgent and pos == start and e.state == PENDING:
+                e.urgent = True
+                self.pending.appendleft(e)
+            self._wait(c, e, pos)
+        return None
+
+    def fetch(self, cid: bytes, epoch: int, index: int) -> str | None:
+        c = self.consumers.get(cid)
+        if c is None or c.gone:
+            return "Fetch before Hello; send Hello first"
+        if index >= self.length:
+            return f"Fetch of batch {index}: the Sequence has {self.length} batches"
+        if c.waiting >= MAX_WAITING:
+            return f"more than {MAX_WAITING} batches wanted and not yet announced"
+        e = self._entry(epoch, index)
+        if e.state == PENDING:
+            e.urgent = True  # a random access blocks its caller
+            self.pending.appendleft(e)
+        self._wait(c, e, -1)
+        return None
+
+    def release(self, cid: bytes, bids: list[int]) -> str | None:
+        c = self.consumers.get(cid)
+        if c is None:
+            return "Release before Hello; send Hello first"
+        bad = []
+        for bid in bids:
+            if c.leases[bid] <= 0:
+                del c.leases[bid]
+                bad.append(bid)
+                continue
+            c.leases[bid] -= 1
+            if not c.leases[bid]:
+                del c.leases[bid]
+            e = self.by_bid.get(bid)
+            if e is not None:
+                e.leases -= 1
+                self._maybe_free(e)
+        if bad:
+            self.stats["bad_releases"] += len(bad)
+            return f"Release of batch ids {bad[:8]} that this consumer does not hold (ignored)"
+        return None
+
+    def epoch_end(self, cid: bytes, epoch: int) -> None:
+        """The consumer is done with ``epoch``: drop what it still waits for from it."""
+        c = self.consumers.get(cid)
+        if c is None:
+            return
+        c.epoch, c.position = epoch + 1, 0
+        self._drop_waits(c, lambda e: e.epoch <= epoch)
+
+    def remove_consumer(self, cid: bytes, keep: list[int] | None = None) -> None:
+        """The consumer left (keep: leases whose views live on in it) or died (keep None)."""
+        c = self.consumers.get(cid)
+        if c is None:
+            return
+        self._drop_waits(c, lambda e: True)
+        kept = Counter({b: c.leases[b] for b in (keep or ()) if c.leases[b] > 0})
+        if kept and c.same_host:
+            self.release(cid, list((c.leases - kept).elements()))
+            c.gone = True
+            return
+        self.release(cid, list(c.leases.elements()))
+        del self.consumers[cid]
+
+    def _drop_waits(self, c: ConsumerState, which: Callable[[Entry], bool]) -> None:
+        for e in list(self.entries.values()):
+            if e.state != READY and e.waiters and which(e):
+                before = len(e.waiters)
+                e.waiters = [w for w in e.waiters if w[0] != c.cid]
+                c.waiting -= before - len(e.waiters)
+
+    # --- workers ----------------------------------------------------------------------------
+
+    def add_worker(self, w: WorkerState) -> None:
+        self.workers[w.wid] = w
+
+    def _running(self, wid: int, bid: int) -> Entry | None:
+        e = self.by_bid.get(bid)
+        if e is None or e.state != RUNNING or e.worker != wid:
+            return None
+        w = self.workers.get(wid)
+        if w is not None:
+            w.inflight.discard(bid)
+            self.task_started(wid)
+        self.running_epochs[e.epoch] -= 1
+        return e
+
+    def done(self, wid: int, bid: int, segment: str, nbytes: int, layout: bytes) -> None:
+        e = self._running(wid, bid)
+        if e is None:  # a late answer for a batch given to another worker: drop it
+            if segment:
+                self.to_unlink.append(segment)
+            return
+        w = self.workers[wid]
+        w.done += 1
+        if segment:
+            if e.slot >= 0:
+                self._free_slot(e.slot)
+                self.stats["oversize"] += 1
+                self.largest_oversize = max(self.largest_oversize, nbytes)
+            else:
+                self.stats["one_off"] += 1
+            e.slot = -1
+        e.state = READY
+        e.segment = segment
+        e.nbytes = nbytes
+        e.layout = layout
+        self.stats["produced"] += 1
+        self.stats["bytes"] += nbytes
+        self._deliver(e)
+        self._maybe_free(e)
+
+    def raised(self, wid: int, bid: int, type_name: str, message: str, tb: str) -> None:
+        e = self._running(wid, bid)
+        if e is None:
+            return
+        w = self.workers[wid]
+        w.errors += 1
+        self.stats["raised"] += 1
+        self._free_slot(e.slot)
+        self._fail(e, "raised", type_name, message, tb, w)
+
+    def worker_gone(self, wid: int, reason: str, quarantine: bool = False) -> list[Entry]:
+        """A worker exited or was killed: retry what it held, or report it after max_retries.
+        ``quarantine`` keeps its slots out of use (a hung thread may still write them)."""
+        w = self.workers.pop(wid, None)
+        if w is None:
+            return []
+        retried = []
+        for bid in sorted(w.inflight, reverse=True):
+            e = self.by_bid[bid]
+            self.running_epochs[e.epoch] -= 1
+            if e.slot >= 0:
+                if quarantine:
+                    self.quarantined.add(e.slot)
+                else:
+                    self._free_slot(e.slot)
+            e.slot = -1
+            e.attempts += 1
+            if e.attempts > self.max_retries:
+                self.stats["died"] += 1
+                self._fail(e, "died", "WorkerDied",
+                           f"{reason}; gave up after {e.attempts} attempts", "", w)
+            else:
+                self.stats["retried"] += 1
+                e.state = PENDING
+                e.worker = -1
+                self.pending.appendleft(e)
+                retried.append(e)
+        return retried
+
+    def overdue(self, now: float, timeout: float) -> list[tuple[int, Entry]]:
+        """Workers whose running batch started more than ``timeout`` seconds ago."""
+        late = []
+        for w in self.workers.values():
+            for bid in w.inflight:
+                e = self.by_bid[bid]
+                if e.started and now - e.started > timeout:
+                    late.append((w.wid, e))
+                    break
+        return late
+
+    # --- dispatch ---------------------------------------------------------------------------
+
+    def _pick_worker(self) -> WorkerState | None:
+        best = None
+        for w in self.workers.values():
+            if w.ready and len(w.inflight) < self.depth and (
+                best is None or len(w.inflight) < len(best.inflight)
+            ):
+                best = w
+        return best
+
+    def dispatch(self) -> None:
+        now = time.monotonic()
+        while self.pending:
+            e = self.pending[0]
+            if e.state != PENDING:
+                self.pending.popleft()
+                continue
+            if not e.waiters and not e.keep:
+                self.pending.popleft()
+                self._forget(e)
+                continue
+            if self.barrier and e.epoch > self.epoch_running:
+                if any(n > 0 for ep, n in self.running_epochs.items() if ep < e.epoch):
+                    return
+                if self.on_epoch_advance is not None:
+                    self.on_epoch_advance(e.epoch)
+                self.epoch_running = e.epoch
+            w = self._pick_worker()
+            if w is None:
+                return
+            if self.free_slots:
+                slot = self.free_slots.popleft()
+            elif e.urgent or e.keep or self.slots == 0:
+                slot = -1
+            else:
+                return
+            self.pending.popleft()
+            e.state = RUNNING
+            e.slot = slot
+            e.worker = w.wid
+            e.started = now if not w.inflight else 0.0
+            w.inflight.add(e.bid)
+            self.running_epochs[e.epoch] += 1
+            self.out_tasks.setdefault(w.wid, []).append([e.bid, e.epoch, e.index, slot])
+
+    def task_started(self, wid: int) -> None:
+        """Stamp the start time of the worker's oldest queued task (its previous one finished)."""
+        w = self.workers.get(wid)
+        if w is None:
+            return
+        now = time.monotonic()
+        for bid in sorted(w.inflight):
+            e = self.by_bid[bid]
+            if not e.started:
+                e.started = now
+            break
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _deliver(self, e: Entry) -> None:
+        offset = e.slot * self.slot_bytes if not e.segment else 0
+        for cid, pos in e.waiters:
+            c = self.consumers.get(cid)
+            if c is None or c.gone:
+                continue
+            c.waiting -= 1
+            c.leases[e.bid] += 1
+            e.leases += 1
+            self.out_ready.setdefault(cid, []).append(
+                [e.epoch, pos, e.index, e.bid, e.segment, offset, e.nbytes, e.layout]
+            )
+        e.waiters.clear()
+        if e.leases:
+            e.keep = False
+
+    def _fail(self, e: Entry, kind: str, type_name: str, message: str, tb: str,
+              w: WorkerState) -> None:
+        if e.keep:
+            self.probe_error = f"{type_name}: {message}\n{tb}".rstrip()
+        for cid, pos in e.waiters:
+            c = self.consumers.get(cid)
+            if c is None or c.gone:
+                continue
+            c.waiting -= 1
+            self.out_failed.append((cid, Failed(e.epoch, pos, e.index, kind, type_name, message,
+                                                tb, w.index, w.pid)))
+        e.waiters.clear()
+        e.slot = -1
+        self._forget(e)
+
+    def _free_slot(self, slot: int) -> None:
+        if slot >= 0 and slot not in self.quarantined:
+            self.free_slots.append(slot)
+
+    def _maybe_free(self, e: Entry) -> None:
+        if e.state == READY and e.leases <= 0 and not e.waiters and not e.keep:
+            if e.segment:
+                self.to_unlink.append(e.segment)
+            else:
+                self._free_slot(e.slot)
+            self._forget(e)
+
+    def _forget(self, e: Entry) -> None:
+        self.entries.pop((e.epoch, e.index), None)
+        self.by_bid.pop(e.bid, None)
+
+    def held_slots(self) -> int:
+        return self.slots - len(self.free_slots) - len(self.quarantined)

@@ -1,0 +1,612 @@
+"""The server: sockets, the event loop, start-up and shutdown. Decisions live in the scheduler.
+
+Start-up: sweep stale segments of dead servers, take the server lock, load the Sequence (for its
+length), bind the public endpoint (refusing one another server listens on), start the workers
+and wait until every one has loaded the Sequence, size the ring (from a probe batch when
+``slot_bytes`` is auto) and reserve it in /dev/shm. Only then is the server *ready*.
+
+Shutdown (:meth:`Server.close`, idempotent, also on SIGINT/SIGTERM): stop answering consumers,
+ask workers to stop, escalate to SIGTERM then SIGKILL after deadlines, close the sockets,
+unlink every segment and the lock, remove the runtime directory and the socket file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from dataserver import shm
+from dataserver.config import ServerConfig
+from dataserver.errors import ConfigError, DataServerError, ProtocolError, SharedMemoryError
+from dataserver.pool import Pool
+from dataserver.protocol import (
+    MAX_CONSUMER_MESSAGE_BYTES,
+    VERSION,
+    Bye,
+    Done,
+    EpochEnd,
+    Fetch,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    Raised,
+    Ready,
+    Refused,
+    Release,
+    StartFailed,
+    Stop,
+    Tasks,
+    UseRing,
+    Want,
+    Welcome,
+    WorkerReady,
+    decode,
+    encode,
+)
+from dataserver.scheduler import READY, ConsumerState, Scheduler, WorkerState
+from dataserver.source import SequenceSource, checked_len
+from dataserver.worker import WorkerSpec
+
+__all__ = ["DATASET", "Server", "pid_namespace"]
+
+log = logging.getLogger("dataserver")
+DATASET = "default"
+HOUSEKEEPING_INTERVAL_S = 0.5
+HEARTBEAT_S = 1.0
+WORKER_QUEUE_DEPTH = 2
+MAX_START_FAILURES = 3
+OVERSIZE_WARN_INTERVAL_S = 30.0
+SLOT_HEADROOM = 1.25
+
+
+def pid_namespace() -> int:
+    """Inode of this process's pid namespace: equal on both sides means pids are comparable."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Server:
+    """One dataserver. ``run()`` blocks until a signal or ``close()``; the CLI and
+    ``DataServer`` both drive it."""
+
+    def __init__(self, config: ServerConfig, source: SequenceSource) -> None:
+        self.config = config
+        self.source = source
+        self.server_id = f"{os.getpid():x}-{secrets.token_hex(4)}"
+        self.shm_dir = shm.shm_dir()
+        self.state = "new"
+        self.stopping = False
+        self.exit_code = 0
+        self.ring: shm.Segment | None = None
+        self.ring_name = ""
+        self.lock: shm.ServerLock | None = None
+        self.rundir: Path | None = None
+        self.ipc_path: Path | None = None
+        self.ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self.clients: zmq.Socket[bytes] | None = None
+        self.workers_sock: zmq.Socket[bytes] | None = None
+        self.pool: Pool | None = None
+        self.sched: Scheduler | None = None
+        self.seq: Any = None
+        self.length = 0
+        self.start_failures = 0
+        self.fatal: str | None = None
+        self.last_start_error: str | None = None
+        self._sentinels: dict[int, int] = {}  # fd -> incarnation
+        self.poller = zmq.Poller()
+        self._wake_r = self._wake_w = -1
+        self._last_housekeeping = 0.0
+        self._last_oversize_warn = 0.0
+        self._warned_oversize = 0
+        self.started_at = time.monotonic()
+
+    # --- start-up ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Everything up to ready; raises ConfigError / SharedMemoryError with one clear line."""
+        cfg = self.config
+        removed = shm.sweep(self.shm_dir)
+        if removed:
+            log.info("removed %d leftovers of dead servers: %s", len(removed), ", ".join(removed))
+        shm.private_dir(self.shm_dir) if not self.shm_dir.exists() else None
+        self.lock = shm.ServerLock(self.shm_dir, self.server_id)
+        self.rundir = shm.private_dir(shm.private_dir(shm.runtime_root()) / self.server_id)
+        self.seq = self.source.load()
+        self.length = checked_len(self.seq, self.source.name)
+        thread = cfg.worker_type == "thread"
+        self.sched = Scheduler(
+            self.length, shuffle=cfg.shuffle, seed=cfg.seed, max_retries=cfg.max_retries,
+            depth=WORKER_QUEUE_DEPTH, barrier=thread,
+            on_epoch_advance=self._advance_shared_epoch if thread else None,
+        )
+        self.ctx = zmq.Context()
+        self._bind_clients()
+        self.workers_sock = self.ctx.socket(zmq.ROUTER)
+        self.workers_sock.setsockopt(zmq.LINGER, 0)
+        self.workers_sock.setsockopt(zmq.SNDHWM, 0)
+        self.workers_sock.setsockopt(zmq.RCVHWM, 0)
+        worker_address = f"ipc://{self.rundir}/workers.sock"
+        self.workers_sock.bind(worker_address)
+        self.poller.register(self.workers_sock, zmq.POLLIN)
+        self.poller.register(self.clients, zmq.POLLIN)
+        if self._wake_r >= 0:
+            self.poller.register(self._wake_r, zmq.POLLIN)
+        if cfg.slot_bytes is not None:
+            self._make_ring(cfg.slot_bytes)
+        template = WorkerSpec(
+            worker=0, incarnation=0, count=cfg.workers, kind=cfg.worker_type,
+            address=worker_address,
+            source=SequenceSource(obj=self.seq) if thread else self.source,
+            server_id=self.server_id, shm_dir=str(self.shm_dir), parent_pid=os.getpid(),
+            on_epoch_end=not thread, log_level=logging.getLevelName(log.getEffectiveLevel()),
+        )
+        self.pool = Pool(template, cfg.start_method)
+        for i in range(cfg.workers):
+            self._start_worker(i)
+        deadline = time.monotonic() + cfg.startup_timeout
+        self._run_until(lambda: all(w.ready for w in self.sched.workers.values())  # type: ignore[union-attr]
+                        and len(self.sched.workers) == cfg.workers, deadline,  # type: ignore[union-attr]
+                        "start the workers")
+        if self.ring is None:
+            self._probe(deadline)
+        self.state = "running"
+
+    def _bind_clients(self) -> None:
+        assert self.ctx is not None
+        endpoint = self.config.endpoint
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        if endpoint.startswith("ipc://"):
+            path = Path(endpoint[len("ipc://"):])
+            self._claim_ipc_path(path)
+            self.ipc_path = path
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close()
+            self.ipc_path = None
+            raise ConfigError(f"--endpoint {endpoint}: cannot bind ({exc}); is it taken?") from None
+        if self.ipc_path is not None:
+            os.chmod(self.ipc_path, 0o600)
+        self.clients = sock
+
+    def _claim_ipc_path(self, path: Path) -> None:
+        if not path.parent.is_dir():
+            raise ConfigError(
+                f"--endpoint ipc://{path}: directory {path.parent} does not exist; create it first"
+            )
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"--endpoint ipc://{path}: directory {path.parent} is not writable by you"
+            )
+        if path.exists() or path.is_symlink():
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                path.unlink()  # a dead server's socket file
+            else:
+                raise ConfigError(
+                    f"--endpoint ipc://{path} is taken: another server listens there. Stop it, "
+                    "or choose another --endpoint"
+                )
+            finally:
+                probe.close()
+
+    def _make_ring(self, slot_bytes: int) -> None:
+        assert self.sched is not None
+        slot_bytes = (slot_bytes + 4095) & ~4095
+        slots = self.config.slots
+        self.ring_name = f"{shm.PREFIX}{self.server_id}-ring"
+        self.ring = shm.create(self.shm_dir / self.ring_name, slots * slot_bytes,
+                               f"a ring of {slots} slots x {shm.format_bytes(slot_bytes)}")
+        self.sched.set_ring(slots, slot_bytes)
+        log.info("ring: %d slots x %s in %s", slots, shm.format_bytes(slot_bytes),
+                 self.shm_dir / self.ring_name)
+        for w in self.sched.workers.values():
+            if w.ready:
+                self._send_worker(w.wid, UseRing(self.ring_name, slot_bytes, slots))
+
+    def _probe(self, deadline: float) -> None:
+        """slot_bytes=auto: make the first batch of epoch 0 in a one-off segment, size slots
+        from it, and keep it for the first consumer."""
+        sched = self.sched
+        assert sched is not None
+        e = sched.probe()
+        self._run_until(lambda: e.state == READY or sched.probe_error is not None, deadline,
+                        f"make batch {e.index} to size the slots")
+        if sched.probe_error is not None:
+            raise ConfigError(
+                f"{self.source.name}: batch {e.index} (made to size the ring slots) failed: "
+                f"{sched.probe_error}\nFix the Sequence, or pass --slot-bytes to skip sizing"
+            )
+        self._make_ring(max(int(e.nbytes * SLOT_HEADROOM), e.nbytes + 4096))
+
+    def _run_until(self, done: Callable[[], bool], deadline: float, what: str) -> None:
+        while not done():
+            if self.fatal:
+                raise ConfigError(self.fatal)
+            if self.stopping:
+                raise ConfigError(f"interrupted while waiting to {what}")
+            if time.monotonic() > deadline:
+                raise ConfigError(
+                    f"timed out after {self.config.startup_timeout:.0f} s waiting to {what}; "
+                    "is the Sequence slow to load? (raise startup_timeout)"
+                )
+            self._step(100)
+
+    def _start_worker(self, index: int) -> None:
+        assert self.pool is not None and self.sched is not None
+        h = self.pool.start(index)
+        self.sched.add_worker(WorkerState(h.spec.incarnation, index, pid=h.pid or os.getpid()))
+        if h.sentinel is not None:
+            self._sentinels[h.sentinel] = h.spec.incarnation
+            self.poller.register(h.sentinel, zmq.POLLIN)
+
+    def _advance_shared_epoch(self, epoch: int) -> None:
+        """Thread workers share one Sequence: call its on_epoch_end once per epoch, between."""
+        assert self.sched is not None
+        for _ in range(epoch - self.sched.epoch_running):
+            hook = getattr(self.seq, "on_epoch_end", None)
+            if hook is None:
+                return
+            try:
+                hook()
+            except Exception:
+                log.exception("on_epoch_end raised before epoch %d; serving on", epoch)
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        while not self.stopping:
+            self._step(int(HOUSEKEEPING_INTERVAL_S * 1000))
+            if self.fatal:
+                log.error("%s", self.fatal)
+                self.exit_code = 1
+                break
+
+    def _step(self, timeout_ms: int) -> None:
+        assert self.clients is not None and self.workers_sock is not None
+        events = dict(self.poller.poll(timeout_ms))
+        if self.workers_sock in events:
+            self._drain(self.workers_sock, self._on_worker_frames)
+        if self.clients in events:
+            self._drain(self.clients, self._on_client_frames)
+        for fd, inc in list(self._sentinels.items()):
+            if fd in events:
+                self._on_worker_exit(inc)
+        if self._wake_r in events:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_r, 512)
+        now = time.monotonic()
+        if now - self._last_housekeeping >= HOUSEKEEPING_INTERVAL_S:
+            self._last_housekeeping = now
+            self._housekeeping(now)
+        self._flush()
+
+    def _drain(self, sock: zmq.Socket[bytes], handle: Callable[[list[bytes]], None]) -> None:
+        for _ in range(10000):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            handle(frames)
+
+    def _flush(self) -> None:
+        sched = self.sched
+        assert sched is not None and self.clients is not None
+        sched.dispatch()
+        for wid, items in sched.out_tasks.items():
+            self._send_worker(wid, Tasks(items))
+        sched.out_tasks.clear()
+        for cid, ready in sched.out_ready.items():
+            self.clients.send_multipart([cid, encode(Ready(ready))])
+        sched.out_ready.clear()
+        for cid, failed in sched.out_failed:
+            self.clients.send_multipart([cid, encode(failed)])
+        sched.out_failed.clear()
+        for name in sched.to_unlink:
+            shm.unlink(self.shm_dir / name)
+        sched.to_unlink.clear()
+
+    def _send_worker(self, wid: int, msg: Message) -> None:
+        assert self.workers_sock is not None
+        self.workers_sock.send_multipart([f"w{wid}".encode(), encode(msg)])
+
+    # --- workers ----------------------------------------------------------------------------
+
+    def _on_worker_frames(self, frames: list[bytes]) -> None:
+        sched = self.sched
+        assert sched is not None
+        msg = decode(frames[-1])
+        wid = int(frames[0][1:])
+        if isinstance(msg, Done):
+            sched.done(wid, msg.bid, msg.segment, msg.nbytes, msg.layout)
+        elif isinstance(msg, Raised):
+            sched.raised(wid, msg.bid, msg.type_name, msg.message, msg.traceback)
+        elif isinstance(msg, WorkerReady):
+            w = sched.workers.get(wid)
+            if w is None:
+                return
+            w.pid = msg.pid
+            if self.ring is not None:
+                self._send_worker(wid, UseRing(self.ring_name, sched.slot_bytes, sched.slots))
+            w.ready = True
+            self.start_failures = 0
+            log.debug("worker %d (pid %d) ready", w.index, w.pid)
+        elif isinstance(msg, StartFailed):
+            self._on_start_failed(wid, msg)
+
+    def _on_start_failed(self, wid: int, msg: StartFailed) -> None:
+        assert self.sched is not None
+        w = self.sched.workers.get(wid)
+        detail = msg.message if msg.type_name.endswith("ConfigError") else (
+            f"{msg.type_name}: {msg.message}\n{msg.traceback}".rstrip()
+        )
+        text = f"worker {w.index if w else '?'} could not load the Sequence: {detail}"
+        self.last_start_error = text
+        if self.state != "running":
+            self.fatal = text
+        else:
+            log.error("%s", text)
+
+    def _on_worker_exit(self, inc: int) -> None:
+        assert self.pool is not None and self.sched is not None
+        h = self.pool.handles.get(inc)
+        if h is None:
+            return
+        self._drop_sentinel(h.sentinel)
+        if self.stopping:
+            return
+        if h.process is not None:
+            h.process.join(1.0)
+        reason = f"worker {h.spec.worker} (pid {h.pid}) {h.exit_reason()}"
+        self._replace(inc, reason)
+
+    def _replace(self, inc: int, reason: str, quarantine: bool = False) -> None:
+        assert self.pool is not None and self.sched is not None
+        w = self.sched.workers.get(inc)
+        if w is None:
+            return
+        was_ready = w.ready
+        retried = self.sched.worker_gone(inc, reason, quarantine)
+        h = self.pool.handles.get(inc)
+        if h is not None:
+            self._drop_sentinel(h.sentinel)
+        self.pool.forget(inc)
+        self.sched.stats["restarts"] += 1
+        if not was_ready:
+            self.start_failures += 1
+            if self.state != "running" or self.start_failures >= MAX_START_FAILURES:
+                self.fatal = self.last_start_error or f"{reason} while loading the Sequence"
+                return
+        log.warning("%s; replacing it%s", reason,
+                    f", retrying batches {[e.index for e in retried]}" if retried else "")
+        self._start_worker(w.index)
+
+    def _drop_sentinel(self, fd: int | None) -> None:
+        if fd is not None and self._sentinels.pop(fd, None) is not None:
+            self.poller.unregister(fd)
+
+    # --- consumers --------------------------------------------------------------------------
+
+    def _on_client_frames(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            if frames:
+                self._refuse(frames[0], "send one frame per message")
+            return
+        cid, data = frames
+        try:
+            msg = decode(data, MAX_CONSUMER_MESSAGE_BYTES)
+        except ProtocolError as exc:
+            self.sched.stats["bad_messages"] += 1  # type: ignore[union-attr]
+            self._refuse(cid, str(exc))
+            return
+        reason = self._on_client(cid, msg)
+        if reason:
+            self._refuse(cid, reason)
+
+    def _refuse(self, cid: bytes, reason: str) -> None:
+        assert self.clients is not None
+        self.clients.send_multipart([cid, encode(Refused(reason))])
+
+    def _on_client(self, cid: bytes, msg: Message) -> str | None:
+        sched = self.sched
+        assert sched is not None and self.clients is not None
+        if isinstance(msg, Want):
+            return sched.want(cid, msg.epoch, msg.start, msg.stop, msg.urgent)
+        if isinstance(msg, Release):
+            return sched.release(cid, msg.bids)
+        if isinstance(msg, Fetch):
+            return sched.fetch(cid, msg.epoch, msg.index)
+        if isinstance(msg, Ping):
+            self.clients.send_multipart([cid, encode(Pong())])
+            return None
+        if isinstance(msg, EpochEnd):
+            sched.epoch_end(cid, msg.epoch)
+            return None
+        if isinstance(msg, Bye):
+            sched.remove_consumer(cid, msg.held)
+            log.info("consumer %s left", cid.hex())
+            return None
+        if isinstance(msg, Hello):
+            return self._hello(cid, msg)
+        return f"{type(msg).__name__} is not a consumer message"
+
+    def _hello(self, cid: bytes, msg: Hello) -> str | None:
+        sched = self.sched
+        assert sched is not None and self.clients is not None
+        if msg.version != VERSION:
+            return (f"protocol version {msg.version} is not this server's {VERSION}; install the "
+                    "same dataserver version on both sides")
+        if msg.dataset not in ("", DATASET):
+            return f"no dataset {msg.dataset!r} here; this server serves {DATASET!r}"
+        if cid in sched.consumers:
+            sched.remove_consumer(cid)
+        same_host = bool(msg.pidns) and msg.pidns == pid_namespace()
+        sched.add_consumer(ConsumerState(cid, msg.pid, same_host, msg.name[:200], DATASET))
+        log.info("consumer %s joined (pid %d, %s)", cid.hex(), msg.pid, msg.name[:200])
+        cfg = self.config
+        self.clients.send_multipart([cid, encode(Welcome(
+            VERSION, self.server_id, DATASET, self.length, cfg.shuffle, cfg.seed,
+            str(self.shm_dir), self.ring_name, sched.slot_bytes, sched.slots, cfg.prefetch,
+            os.getpid(), pid_namespace(), HEARTBEAT_S,
+        ))])
+        return None
+
+    # --- housekeeping -----------------------------------------------------------------------
+
+    def _housekeeping(self, now: float) -> None:
+        sched = self.sched
+        assert sched is not None and self.pool is not None
+        for c in list(sched.consumers.values()):
+            if c.same_host and not _pid_alive(c.pid):
+                held = sum(c.leases.values())
+                sched.remove_consumer(c.cid)
+                log.warning("consumer %s (pid %d) exited; reclaimed %d leases", c.cid.hex(),
+                            c.pid, held)
+        timeout = self.config.batch_timeout
+        if timeout is not None and self.state == "running":
+            for wid, e in sched.overdue(now, timeout):
+                h = self.pool.handles.get(wid)
+                what = f"worker {sched.workers[wid].index} exceeded --batch-timeout " \
+                       f"{timeout:g} s on batch {e.index}"
+                if h is not None and h.process is not None:
+                    log.warning("%s; killing it", what)
+                    self.pool.kill(wid)  # its sentinel fires; _on_worker_exit replaces it
+                else:
+                    self._replace(wid, what + " (thread abandoned)", quarantine=True)
+        if self.config.worker_type == "thread" and self.state == "running":
+            for inc, h in list(self.pool.handles.items()):
+                if not h.alive() and inc in sched.workers:
+                    self._replace(inc, f"worker thread {h.spec.worker} ended unexpectedly")
+        n = sched.stats["oversize"]
+        if n > self._warned_oversize and now - self._last_oversize_warn > OVERSIZE_WARN_INTERVAL_S:
+            log.warning(
+                "%d batches did not fit in %s slots and traveled in one-off segments (slower); "
+                "--slot-bytes %d would fit the largest so far", n,
+                shm.format_bytes(sched.slot_bytes), int(sched.largest_oversize * SLOT_HEADROOM))
+            self._warned_oversize = n
+            self._last_oversize_warn = now
+
+    # --- run and shutdown -------------------------------------------------------------------
+
+    def run(self, on_ready: Callable[[str], None] | None = None) -> int:
+        """Start, announce readiness, serve until a signal or a fatal error; always clean up."""
+        restore = self._install_signals()
+        try:
+            self.start()
+            if on_ready is not None:
+                on_ready(self.config.endpoint)
+            log.info("ready at %s: %s, %d batches, %d %s workers", self.config.endpoint,
+                     self.source.name, self.length, self.config.workers, self.config.worker_type)
+            self.serve_forever()
+            return self.exit_code
+        finally:
+            self.close()
+            restore()
+
+    def _install_signals(self) -> Callable[[], None]:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            if not self.stopping:
+                log.info("%s received; shutting down", signal.Signals(signum).name)
+            self.stopping = True
+
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        old_fd = signal.set_wakeup_fd(self._wake_w)
+
+        def restore() -> None:
+            signal.set_wakeup_fd(old_fd)
+            for s, h in old.items():
+                signal.signal(s, h)
+            for fd in (self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._wake_r = self._wake_w = -1
+
+        return restore
+
+    def close(self) -> None:
+        """Stop everything and remove every file this server made. Safe to call twice."""
+        if self.state == "closed":
+            return
+        self.state = "closed"
+        self.stopping = True
+        if self.clients is not None:
+            self.clients.close(0)
+        if self.ipc_path is not None:
+            shm.unlink(self.ipc_path)
+        if self.pool is not None:
+            self.pool.stop_all(lambda inc: self._send_worker(inc, Stop()))
+        if self.workers_sock is not None:
+            self.workers_sock.close(0)
+        if self.ctx is not None:
+            self.ctx.term()
+        if self.ring is not None:
+            self.ring.close()
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.shm_dir):
+                if entry.name.startswith(f"{shm.PREFIX}{self.server_id}-"):
+                    shm.unlink(Path(entry.path))
+        if self.lock is not None:
+            self.lock.release()
+        if self.rundir is not None:
+            shutil.rmtree(self.rundir, ignore_errors=True)
+        log.info("stopped; removed the ring and every segment of server %s", self.server_id)
+
+
+def run_in_child(config: ServerConfig, source: SequenceSource, conn: Any, level: str) -> None:
+    """Entry point of the server process that ``DataServer`` starts."""
+    import msgpack
+
+    logging.basicConfig(level=level, format="%(asctime)s dataserver %(levelname)s %(message)s")
+    server = Server(config, source)
+
+    def ready(endpoint: str) -> None:
+        conn.send_bytes(msgpack.packb({"ready": endpoint, "pid": os.getpid()}))
+
+    try:
+        code = server.run(ready)
+    except (DataServerError, SharedMemoryError) as exc:
+        with contextlib.suppress(OSError):
+            conn.send_bytes(msgpack.packb({"error": str(exc), "type": type(exc).__name__}))
+        code = 2
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            conn.send_bytes(msgpack.packb({"error": f"{type(exc).__name__}: {exc}",
+                                           "type": "DataServerError"}))
+        raise
+    if code:
+        raise SystemExit(code)

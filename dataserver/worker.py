@@ -1,0 +1,184 @@
+"""The worker loop: one function, one spec argument, a visible state machine.
+
+States: STARTING (connect, load the Sequence) -> READY (say so, wait) -> BUSY (produce tasks)
+-> EXITED. A process worker also exits when its server does: ``PR_SET_PDEATHSIG`` on Linux, and
+a parent-pid check every ``POLL_INTERVAL_S`` elsewhere.
+
+A task ``[bid, epoch, index, slot]`` is produced by calling ``seq[index]``, planning its layout,
+and copying it into ring slot ``slot`` (or, when it does not fit or ``slot`` is -1, into a
+one-off segment the worker creates under the server's name; the server owns and unlinks it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from dataserver import layout, shm
+from dataserver.errors import SharedMemoryError
+from dataserver.protocol import (
+    Done,
+    Raised,
+    StartFailed,
+    Stop,
+    Tasks,
+    UseRing,
+    WorkerReady,
+    decode,
+    encode,
+)
+from dataserver.source import SequenceSource, WorkerInfo, set_worker_info
+
+__all__ = ["WorkerSpec", "worker_main"]
+
+POLL_INTERVAL_S = 0.5
+log = logging.getLogger("dataserver.worker")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    worker: int  # stable index 0..count-1 (worker_info().id)
+    incarnation: int  # unique per started worker; its socket identity and message id
+    count: int
+    kind: str  # "process" or "thread"
+    address: str  # the server's private worker endpoint
+    source: SequenceSource
+    server_id: str
+    shm_dir: str
+    parent_pid: int
+    on_epoch_end: bool  # call the Sequence's on_epoch_end here (process workers)
+    log_level: str = "WARNING"
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _error_fields(exc: BaseException) -> tuple[str, str, str]:
+    kind = type(exc)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else (
+        f"{kind.__module__}.{kind.__qualname__}"
+    )
+    return name, str(exc), "".join(traceback.format_exception(exc))
+
+
+class _Worker:
+    def __init__(self, spec: WorkerSpec, sock: zmq.Socket[bytes], seq: Any) -> None:
+        self.spec = spec
+        self.sock = sock
+        self.seq = seq
+        self.epoch = 0
+        self.ring: shm.Segment | None = None
+        self.ring_array: np.ndarray[Any, Any] | None = None
+        self.slot_bytes = 0
+        self.dir = Path(spec.shm_dir)
+
+    def use_ring(self, msg: UseRing) -> None:
+        self.ring = shm.attach(self.dir / msg.ring, writable=True)
+        self.ring_array = np.frombuffer(self.ring.mm, np.uint8)
+        self.slot_bytes = msg.slot_bytes
+
+    def run_task(self, bid: int, epoch: int, index: int, slot: int) -> None:
+        spec = self.spec
+        try:
+            if spec.on_epoch_end:
+                while self.epoch < epoch and hasattr(self.seq, "on_epoch_end"):
+                    self.epoch += 1
+                    set_worker_info(WorkerInfo(spec.worker, spec.count, self.epoch, spec.kind),
+                                    spec.kind == "thread")
+                    self.seq.on_epoch_end()
+            self.epoch = max(self.epoch, epoch)
+            batch = self.seq[index]
+            if batch is None:
+                raise layout.BatchFormatError(
+                    f"batch {index}: __getitem__ returned None; return the batch, e.g. (x, y)"
+                )
+            plan = layout.plan(batch, index)
+            del batch
+            segment = ""
+            if slot >= 0 and plan.nbytes <= self.slot_bytes and self.ring_array is not None:
+                start = slot * self.slot_bytes
+                layout.write(plan, self.ring_array[start : start + plan.nbytes])
+            else:
+                segment = self.write_oversize(bid, plan)
+        except Exception as exc:  # MemoryError too: the batch failed, the worker goes on
+            self.sock.send(encode(Raised(bid, *_error_fields(exc))))
+            return
+        self.sock.send(encode(Done(bid, segment, plan.nbytes, plan.layout)))
+
+    def write_oversize(self, bid: int, plan: layout.Plan) -> str:
+        name = f"{shm.PREFIX}{self.spec.server_id}-big-{bid}"
+        try:
+            seg = shm.create(self.dir / name, max(plan.nbytes, 1), f"batch of {plan.nbytes} bytes")
+        except SharedMemoryError as exc:
+            raise SharedMemoryError(f"one-off segment for an oversize batch: {exc}") from None
+        try:
+            layout.write(plan, np.frombuffer(seg.mm, np.uint8))
+        finally:
+            seg.close()
+        return name
+
+    def serve(self) -> None:
+        poll_ms = int(POLL_INTERVAL_S * 1000)
+        while True:
+            if not self.sock.poll(poll_ms):
+                if self.spec.kind == "process" and os.getppid() != self.spec.parent_pid:
+                    return  # the server is gone
+                continue
+            msg = decode(self.sock.recv())
+            if isinstance(msg, Tasks):
+                for bid, epoch, index, slot in msg.items:
+                    self.run_task(bid, epoch, index, slot)
+            elif isinstance(msg, UseRing):
+                self.use_ring(msg)
+            elif isinstance(msg, Stop):
+                return
+
+
+def worker_main(spec: WorkerSpec) -> None:
+    """Entry point of a worker process or thread."""
+    process = spec.kind == "process"
+    if process:
+        _die_with_parent()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when workers stop
+        logging.basicConfig(
+            level=spec.log_level,
+            format=f"[worker {spec.worker}/{spec.count} pid {os.getpid()}] %(message)s",
+        )
+    ctx = zmq.Context() if process else zmq.Context.instance()
+    sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.setsockopt(zmq.IDENTITY, f"w{spec.incarnation}".encode())
+    sock.connect(spec.address)
+    worker: _Worker | None = None
+    try:
+        try:
+            seq = spec.source.load()
+        except BaseException as exc:
+            sock.send(encode(StartFailed(spec.incarnation, *_error_fields(exc))))
+            return
+        set_worker_info(WorkerInfo(spec.worker, spec.count, 0, spec.kind), not process)
+        sock.send(encode(WorkerReady(spec.incarnation, os.getpid())))
+        worker = _Worker(spec, sock, seq)
+        worker.serve()
+    finally:
+        if worker is not None and worker.ring is not None:
+            worker.ring_array = None
+            worker.ring.close()
+        sock.close()
+        if process:
+            ctx.term()
