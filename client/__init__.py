@@ -18,7 +18,6 @@ This package needs numpy, pyzmq and msgpack only; it never imports the server's 
 from __future__ import annotations
 
 from dataserver.client._remote import RemoteSequence
-
 from dataserver.errors import (
     BatchError,
     ClosedError,

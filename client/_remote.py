@@ -114,6 +114,7 @@ class RemoteSequence:
         self.seed = w.seed
         self.server_id = w.server_id
         self.slots = w.slots
+        self.slot_bytes = w.slot_bytes
         self.prefetch = prefetch or w.prefetch
         self._heartbeat = w.heartbeat_s
         self._server_pid = w.pid if w.pidns and w.pidns == _pid_namespace() else 0
@@ -357,6 +358,10 @@ class RemoteSequence:
                 self._drop(item)
         for g in [g for g in self._discard if g < end - self._len]:
             del self._discard[g]
+
+    def held(self) -> int:
+        """How many batches this process still references (each keeps one slot leased)."""
+        return sum(1 for fin in self._live.values() if fin.alive)
 
     # --- lifecycle --------------------------------------------------------------------------
 

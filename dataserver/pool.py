@@ -7,6 +7,7 @@ import multiprocessing
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -94,11 +95,15 @@ class Pool:
         if h is not None and h.process is not None and h.process.is_alive():
             h.process.kill()
 
-    def stop_all(self, send_stop: object) -> None:
-        """Ask every worker to stop (``send_stop(incarnation)``), then escalate: join, SIGTERM,
-        SIGKILL, each with a deadline, logging every escalation."""
-        for inc in list(self.handles):
-            send_stop(inc)  # type: ignore[operator]
+    def stop_all(self, send_stop: Callable[[int], None], connected: set[int]) -> None:
+        """Ask every connected worker to stop (``send_stop(incarnation)``) and terminate those
+        still starting (a message to them would be lost); then escalate: join, SIGTERM, SIGKILL,
+        each with a deadline, logging every escalation."""
+        for inc, h in self.handles.items():
+            if inc in connected:
+                send_stop(inc)
+            elif h.process is not None and h.process.is_alive():
+                h.process.terminate()
         deadline = time.monotonic() + JOIN_TIMEOUT_S
         for h in self.handles.values():
             remaining = max(0.0, deadline - time.monotonic())

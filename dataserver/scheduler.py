@@ -77,7 +77,7 @@ class WorkerState:
     pid: int = 0
     ready: bool = False
     epoch: int = 0
-    inflight: set[int] = field(default_factory=set)
+    inflight: dict[int, None] = field(default_factory=dict)  # bids in the order sent; first runs
     done: int = 0
     errors: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -268,7 +268,7 @@ class Scheduler:
             return None
         w = self.workers.get(wid)
         if w is not None:
-            w.inflight.discard(bid)
+            w.inflight.pop(bid, None)
             self.task_started(wid)
         self.running_epochs[e.epoch] -= 1
         return e
@@ -315,7 +315,8 @@ class Scheduler:
         if w is None:
             return []
         retried = []
-        for bid in sorted(w.inflight, reverse=True):
+        running = next(iter(w.inflight), None)
+        for bid in reversed(w.inflight):
             e = self.by_bid[bid]
             self.running_epochs[e.epoch] -= 1
             if e.slot >= 0:
@@ -324,7 +325,8 @@ class Scheduler:
                 else:
                     self._free_slot(e.slot)
             e.slot = -1
-            e.attempts += 1
+            if bid == running:  # the batches queued behind it were never tried
+                e.attempts += 1
             if e.attempts > self.max_retries:
                 self.stats["died"] += 1
                 self._fail(e, "died", "WorkerDied",
@@ -390,7 +392,7 @@ class Scheduler:
             e.slot = slot
             e.worker = w.wid
             e.started = now if not w.inflight else 0.0
-            w.inflight.add(e.bid)
+            w.inflight[e.bid] = None
             self.running_epochs[e.epoch] += 1
             self.out_tasks.setdefault(w.wid, []).append([e.bid, e.epoch, e.index, slot])
 
@@ -399,11 +401,10 @@ class Scheduler:
         w = self.workers.get(wid)
         if w is None:
             return
-        now = time.monotonic()
-        for bid in sorted(w.inflight):
+        for bid in w.inflight:
             e = self.by_bid[bid]
             if not e.started:
-                e.started = now
+                e.started = time.monotonic()
             break
 
     # --- internals --------------------------------------------------------------------------

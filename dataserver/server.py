@@ -569,7 +569,9 @@ class Server:
         if self.ipc_path is not None:
             shm.unlink(self.ipc_path)
         if self.pool is not None:
-            self.pool.stop_all(lambda inc: self._send_worker(inc, Stop()))
+            connected = {w.wid for w in self.sched.workers.values() if w.ready} if self.sched \
+                else set()
+            self.pool.stop_all(lambda inc: self._send_worker(inc, Stop()), connected)
         if self.workers_sock is not None:
             self.workers_sock.close(0)
         if self.ctx is not None:

@@ -1,0 +1,186 @@
+"""Sequences used by the tests. A module of its own so spawned workers can import it."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import random
+import signal
+import time
+from typing import Any
+
+import numpy as np
+
+
+class Indexed:
+    """Batch i is (x, y): x float32 (rows, cols) filled with i, y = [i]."""
+
+    def __init__(self, n: int = 64, rows: int = 16, cols: int = 16, delay: float = 0.0,
+                 seed: int = 0) -> None:
+        self.n, self.rows, self.cols, self.delay, self.seed = n, rows, cols, delay, seed
+        self.epochs = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        if self.delay:
+            time.sleep(random.Random(self.seed * 100003 + i).uniform(0, self.delay))
+        x = np.full((self.rows, self.cols), i, np.float32)
+        return x, np.array([i], np.int64)
+
+    def on_epoch_end(self) -> None:
+        self.epochs += 1
+
+
+class EpochTagged(Indexed):
+    """y = [i, epochs seen by this worker's Sequence]: shows where on_epoch_end ran."""
+
+    def __getitem__(self, i: int) -> Any:
+        x, _ = super().__getitem__(i)
+        return x, np.array([i, self.epochs], np.int64)
+
+
+class Raising(Indexed):
+    """Raises ValueError at the indices in ``bad``."""
+
+    def __init__(self, n: int = 16, bad: tuple[int, ...] = (3,)) -> None:
+        super().__init__(n)
+        self.bad = set(bad)
+
+    def __getitem__(self, i: int) -> Any:
+        if i in self.bad:
+            helper_that_fails(i)
+        return super().__getitem__(i)
+
+
+def helper_that_fails(i: int) -> None:
+    raise ValueError(f"cannot decode record {i}")
+
+
+class Dies(Indexed):
+    """The worker kills itself (SIGKILL) at index ``die_at`` every time it tries."""
+
+    def __init__(self, n: int = 16, die_at: int = 5, how: str = "kill") -> None:
+        super().__init__(n)
+        self.die_at, self.how = die_at, how
+
+    def __getitem__(self, i: int) -> Any:
+        if i == self.die_at:
+            if self.how == "segv":
+                ctypes.string_at(0)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().__getitem__(i)
+
+
+class DiesOnce(Indexed):
+    """The worker dies at ``die_at`` the first time only (a marker file remembers)."""
+
+    def __init__(self, n: int, die_at: int, marker: str) -> None:
+        super().__init__(n)
+        self.die_at, self.marker = die_at, marker
+
+    def __getitem__(self, i: int) -> Any:
+        if i == self.die_at and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().__getitem__(i)
+
+
+class Hangs(Indexed):
+    """Sleeps forever at ``hang_at`` the first time (marker file), else normal."""
+
+    def __init__(self, n: int, hang_at: int, marker: str) -> None:
+        super().__init__(n)
+        self.hang_at, self.marker = hang_at, marker
+
+    def __getitem__(self, i: int) -> Any:
+        if i == self.hang_at and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            time.sleep(3600)
+        return super().__getitem__(i)
+
+
+class Sized(Indexed):
+    """Batch i has ``big`` bytes at the indices in ``big_at``, else ``small`` bytes."""
+
+    def __init__(self, n: int = 12, small: int = 4096, big: int = 1 << 20,
+                 big_at: tuple[int, ...] = (5,)) -> None:
+        super().__init__(n)
+        self.small, self.big, self.big_at = small, big, set(big_at)
+
+    def __getitem__(self, i: int) -> Any:
+        size = self.big if i in self.big_at else self.small
+        x = np.full(size // 4, i, np.float32)
+        return x, np.array([i], np.int64)
+
+
+class Structured:
+    """One batch holding every kind of leaf and nesting the layout supports."""
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, i: int) -> Any:
+        return make_structured(i)
+
+
+def make_structured(i: int) -> Any:
+    rng = np.random.default_rng(i)
+    rec = np.zeros(3, dtype=[("a", "<i4"), ("b", "<f8", (2,)), ("c", "S3")])
+    rec["a"] = [1, 2, 3]
+    rec["c"] = [b"ab", b"cd", b"ef"]
+    return {
+        "images": rng.random((2, 3, 4), dtype=np.float32),
+        "fortran": np.asfortranarray(rng.random((3, 5))),
+        "strided": np.arange(40, dtype=np.int16)[::3],
+        "bigendian": np.arange(6, dtype=">u4").reshape(2, 3),
+        "empty": np.zeros((0, 7), np.float64),
+        "zerod": np.array(3.5),
+        "bools": np.array([True, False, True]),
+        "complex": np.array([1 + 2j, 3 - 4j], np.complex64),
+        "f16": np.array([0.5, 1.5], np.float16),
+        "u64": np.array([2**64 - 1, 0], np.uint64),
+        "dates": np.array(["2026-01-01", "2026-11-24"], "datetime64[D]"),
+        "unicode": np.array(["héllo", "wörld"]),
+        "records": rec,
+        "scalars": [None, True, 7, -(2**63), 2.5, "text", b"raw", np.float32(1.25), np.int8(-3)],
+        "bigbytes": bytes(range(256)) * 20,
+        "nested": (np.arange(3), [np.ones(2, np.uint8), {"deep": np.eye(2)}]),
+        3: "int key",
+        "index": i,
+    }
+
+
+class ObjectDtype(Indexed):
+    def __getitem__(self, i: int) -> Any:
+        return {"img": [np.zeros(2), np.zeros(2), np.zeros(2), np.array([1, "a"], dtype=object)]}
+
+
+class ReturnsNone(Indexed):
+    def __getitem__(self, i: int) -> Any:
+        return None
+
+
+class BadLen:
+    def __len__(self) -> int:
+        raise RuntimeError("no index file")
+
+    def __getitem__(self, i: int) -> Any:
+        return np.zeros(1)
+
+
+class Empty:
+    def __len__(self) -> int:
+        return 0
+
+    def __getitem__(self, i: int) -> Any:
+        return np.zeros(1)
+
+
+def make_indexed(n: int = 8) -> Indexed:
+    """A factory, as a SPEC may name one."""
+    return Indexed(n)
+
+
+instance = Indexed(10)
