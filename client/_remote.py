@@ -17,6 +17,7 @@ import numpy as np
 import zmq
 
 from dataserver import layout, shm
+from dataserver._proc import pid_alive, pid_namespace
 from dataserver.config import default_endpoint
 from dataserver.errors import (
     ClosedError,
@@ -49,13 +50,6 @@ __all__ = ["RemoteSequence"]
 #: Blocked this long on the next batch, ask the server to make it even if every slot is held.
 URGENT_AFTER_S = 0.05
 POLL_SLICE_MS = 50
-
-
-def _pid_namespace() -> int:
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return 0
 
 
 def _close_socket(sock: zmq.Socket[bytes], ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
@@ -117,7 +111,7 @@ class RemoteSequence:
         self.slot_bytes = w.slot_bytes
         self.prefetch = prefetch or w.prefetch
         self._heartbeat = w.heartbeat_s
-        self._server_pid = w.pid if w.pidns and w.pidns == _pid_namespace() else 0
+        self._server_pid = w.pid if w.pidns and w.pidns == pid_namespace() else 0
         self._shm_dir = Path(w.shm_dir)
         self._ring = shm.attach(self._shm_dir / w.ring, writable=False) if w.ring else None
         self._release_batch = max(1, (self.slots - self.prefetch) // 2)
@@ -129,7 +123,7 @@ class RemoteSequence:
 
     def _handshake(self, dataset: str, name: str) -> Welcome:
         label = name or f"{socket.gethostname()}:{os.getpid()}"
-        self._send(Hello(VERSION, dataset, os.getpid(), _pid_namespace(), label))
+        self._send(Hello(VERSION, dataset, os.getpid(), pid_namespace(), label))
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self._sock.poll(POLL_SLICE_MS):
@@ -213,7 +207,7 @@ class RemoteSequence:
             if urgent is not None and now - start > URGENT_AFTER_S:
                 self._send(urgent)
                 urgent = None
-            if self._server_pid and not _pid_alive(self._server_pid):
+            if self._server_pid and not pid_alive(self._server_pid):
                 raise ServerUnavailable(
                     f"the dataserver at {self.endpoint} (pid {self._server_pid}) exited"
                 )
@@ -424,16 +418,6 @@ class _EpochIterator:
         if seq._closed or seq._epoch != self.epoch or seq._cursor >= self.end:
             raise StopIteration
         return seq._next()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _error(f: Failed) -> Exception:

@@ -18,7 +18,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from typing import Any
 import zmq
 
 from dataserver import shm
+from dataserver._proc import pid_alive, pid_namespace
 from dataserver.config import ServerConfig
 from dataserver.errors import ConfigError, DataServerError, ProtocolError, SharedMemoryError
 from dataserver.pool import Pool
@@ -60,7 +60,7 @@ from dataserver.scheduler import READY, ConsumerState, Scheduler, WorkerState
 from dataserver.source import SequenceSource, checked_len
 from dataserver.worker import WorkerSpec
 
-__all__ = ["DATASET", "Server", "pid_namespace"]
+__all__ = ["DATASET", "Server"]
 
 log = logging.getLogger("dataserver")
 DATASET = "default"
@@ -70,24 +70,6 @@ WORKER_QUEUE_DEPTH = 2
 MAX_START_FAILURES = 3
 OVERSIZE_WARN_INTERVAL_S = 30.0
 SLOT_HEADROOM = 1.25
-
-
-def pid_namespace() -> int:
-    """Inode of this process's pid namespace: equal on both sides means pids are comparable."""
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return 0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Server:
@@ -179,15 +161,15 @@ class Server:
     def _bind_clients(self) -> None:
         assert self.ctx is not None
         endpoint = self.config.endpoint
+        if endpoint.startswith("ipc://"):
+            path = Path(endpoint[len("ipc://"):])
+            self._claim_ipc_path(path)
+            self.ipc_path = path
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        if endpoint.startswith("ipc://"):
-            path = Path(endpoint[len("ipc://"):])
-            self._claim_ipc_path(path)
-            self.ipc_path = path
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as exc:
@@ -208,18 +190,12 @@ class Server:
                 f"--endpoint ipc://{path}: directory {path.parent} is not writable by you"
             )
         if path.exists() or path.is_symlink():
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(str(path))
-            except OSError:
-                path.unlink()  # a dead server's socket file
-            else:
+            if shm.socket_listening(str(path)):
                 raise ConfigError(
                     f"--endpoint ipc://{path} is taken: another server listens there. Stop it, "
                     "or choose another --endpoint"
                 )
-            finally:
-                probe.close()
+            path.unlink()  # a dead server's socket file
 
     def _make_ring(self, slot_bytes: int) -> None:
         assert self.sched is not None
@@ -488,7 +464,7 @@ class Server:
         sched = self.sched
         assert sched is not None and self.pool is not None
         for c in list(sched.consumers.values()):
-            if c.same_host and not _pid_alive(c.pid):
+            if c.same_host and not pid_alive(c.pid):
                 held = sum(c.leases.values())
                 sched.remove_consumer(c.cid)
                 log.warning("consumer %s (pid %d) exited; reclaimed %d leases", c.cid.hex(),
@@ -575,7 +551,7 @@ class Server:
         if self.workers_sock is not None:
             self.workers_sock.close(0)
         if self.ctx is not None:
-            self.ctx.term()
+            self.ctx.destroy(linger=0)
         if self.ring is not None:
             self.ring.close()
         with contextlib.suppress(FileNotFoundError):

@@ -23,6 +23,8 @@ import mmap
 import os
 import re
 import shutil
+import socket
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,7 +231,24 @@ def sweep(directory: Path | None = None, runtime: Path | None = None) -> list[st
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(runtime):
             if (_SERVER_ID_RE.match(entry.name) and entry.is_dir(follow_symlinks=False)
-                    and dead(entry.name)):
-                shutil.rmtree(entry.path, ignore_errors=True)
+                    and dead(entry.name)) or (
+                    stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode)
+                    and not socket_listening(entry.path)):
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    unlink(Path(entry.path))
                 removed.append(entry.path)
     return removed
+
+
+def socket_listening(path: str) -> bool:
+    """Whether a process accepts connections on the unix socket file ``path``."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True

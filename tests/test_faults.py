@@ -1,0 +1,178 @@
+"""Faults: dead workers, hung workers, a dead server, signals, bad endpoints and SPECs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import seqs
+from dataserver import shm
+from dataserver.client import RemoteSequence, ServerUnavailable
+
+pytestmark = pytest.mark.timeout(120)
+HERE = Path(__file__).parent
+
+
+def worker_pids(server: Any) -> list[int]:
+    return [p.pid for p in psutil.Process(server.pid).children()]
+
+
+def test_sigkill_random_workers_repeatedly_loses_nothing(serve: Any) -> None:
+    server = serve(seqs.Indexed(120, delay=0.01), workers=2, max_retries=5)
+    killed = 0
+    with RemoteSequence(server.endpoint) as seq:
+        got = []
+        for _x, y in seq:
+            got.append(int(y[0]))
+            if len(got) % 25 == 10:
+                pids = worker_pids(server)
+                os.kill(pids[len(got) % len(pids)], signal.SIGKILL)
+                killed += 1
+    assert killed == 5
+    assert got == list(range(120))
+
+
+def test_hung_worker_is_replaced_after_batch_timeout(serve: Any, tmp_path: Path) -> None:
+    marker = tmp_path / "hung"
+    server = serve(seqs.Hangs(20, 6, str(marker)), workers=2, batch_timeout=1.0)
+    with RemoteSequence(server.endpoint) as seq:
+        got = [int(y[0]) for _x, y in seq]
+    assert got == list(range(20)) and marker.exists()
+
+
+def test_stopped_worker_is_replaced_after_batch_timeout(serve: Any) -> None:
+    server = serve(seqs.Indexed(30, delay=0.02), workers=2, batch_timeout=1.0)
+    with RemoteSequence(server.endpoint) as seq:
+        got = []
+        for _x, y in seq:
+            got.append(int(y[0]))
+            if len(got) == 5:
+                os.kill(worker_pids(server)[0], signal.SIGSTOP)
+    assert got == list(range(30))
+
+
+def test_server_sigkill_is_seen_within_timeout_and_swept_by_the_next_start(
+        serve: Any, isolated: dict[str, Path]) -> None:
+    server = serve(seqs.Indexed(50, delay=0.05), workers=2)
+    with RemoteSequence(server.endpoint, timeout=5) as seq:
+        it = iter(seq)
+        next(it)
+        os.kill(server.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(ServerUnavailable, match="exited"):
+            for _ in it:
+                pass
+        assert time.monotonic() - t0 < 5
+    server.close()
+    assert any(n.endswith("-ring") for n in os.listdir(isolated["shm"])), "nothing to sweep?"
+    assert Path(server.endpoint[len("ipc://"):]).exists()
+    # the next server on the same endpoint sweeps the dead one's segments and socket
+    again = serve(seqs.Indexed(5), endpoint=server.endpoint)
+    names = os.listdir(isolated["shm"])
+    assert not [n for n in names if server_id_of(n) != server_id_of(names[0])], names
+    with RemoteSequence(again.endpoint) as seq:
+        assert [int(y[0]) for _x, y in seq] == list(range(5))
+
+
+def server_id_of(name: str) -> str:
+    return name[len(shm.PREFIX):].split("-ring")[0].split(".lock")[0].split("-big")[0]
+
+
+def test_cleanup_command_removes_a_dead_servers_leftovers(
+        serve: Any, isolated: dict[str, Path]) -> None:
+    server = serve(seqs.Indexed(10), workers=1)
+    os.kill(server.pid, signal.SIGKILL)
+    server.close()
+    assert os.listdir(isolated["shm"])
+    out = subprocess.run([sys.executable, "-m", "dataserver", "cleanup"], capture_output=True,
+                         text=True, timeout=60, check=True)
+    # ring, probe batch, lock, runtime directory, socket file
+    assert "removed 5 leftovers" in out.stdout, out.stdout
+    assert not os.listdir(isolated["shm"])
+    assert not Path(server.endpoint[len("ipc://"):]).exists()
+
+
+def test_client_without_server_raises_server_unavailable(isolated: dict[str, Path]) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(ServerUnavailable, match="no dataserver answered"):
+        RemoteSequence(f"ipc://{isolated['runtime']}/nobody.sock", timeout=1)
+    assert time.monotonic() - t0 < 5
+
+
+def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "dataserver", "serve", *args], cwd=HERE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+
+
+def wait_ready(proc: subprocess.Popen[str]) -> str:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("dataserver: ready at "), (line, proc.stderr and proc.stderr.read())
+    return line.split(" at ", 1)[1].strip()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_cli_signal_during_busy_epoch_is_an_orderly_exit(
+        isolated: dict[str, Path], signum: int) -> None:
+    endpoint = f"ipc://{isolated['runtime']}/cli.sock"
+    proc = start_cli("seqs:Indexed", "--arg", "n=400", "--arg", "delay=0.02", "--workers", "2",
+                     "--endpoint", endpoint)
+    try:
+        assert wait_ready(proc) == endpoint
+        with RemoteSequence(endpoint, timeout=5) as seq:
+            it = iter(seq)
+            for _ in range(10):
+                next(it)
+            proc.send_signal(signum)
+            with pytest.raises(ServerUnavailable):
+                for _ in it:
+                    pass
+        assert proc.wait(30) == 0
+        assert "shutting down" in (proc.stderr.read() if proc.stderr else "")
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dataserver", "serve", *args], cwd=HERE,
+                          capture_output=True, text=True, timeout=90)
+
+
+def test_cli_endpoint_taken(serve: Any) -> None:
+    server = serve(seqs.Indexed(4), workers=1)
+    out = run_cli("seqs:Indexed", "--workers", "1", "--endpoint", server.endpoint)
+    assert out.returncode == 2
+    assert "is taken: another server listens there" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["nosuch.module:Seq"], "cannot import 'nosuch.module'"),
+    (["seqs"], "must be module:name"),
+    (["seqs:Empty"], "len() is 0"),
+    (["seqs:Indexed", "--arg", "n"], "write key=value"),
+    (["seqs:Indexed", "--endpoint", "ipc:///nonexistent-dir/x.sock"], "does not exist"),
+    (["seqs:Indexed", "--endpoint", "tcp://8.8.8.8:5555"], "without authentication"),
+])
+def test_cli_bad_input_is_one_clear_line(isolated: dict[str, Path], args: list[str],
+                                         message: str) -> None:
+    out = run_cli(*args, "--workers", "1")
+    assert out.returncode == 2, out.stderr
+    errors = [line for line in out.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and message in errors[0], out.stderr
+    assert "Traceback" not in out.stderr
