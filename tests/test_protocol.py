@@ -1,0 +1,137 @@
+"""The wire protocol: the codec, the handshake, and a server under hostile input."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import seqs
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dataserver import layout
+from dataserver.client import ProtocolError, RemoteSequence
+from dataserver.protocol import (
+    VERSION,
+    Hello,
+    Refused,
+    Release,
+    Want,
+    Welcome,
+    decode,
+    encode,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_codec_round_trip_and_rejections() -> None:
+    msg = Want(3, 10, 20, True)
+    assert decode(encode(msg)) == msg
+    for bad, why in [
+        (b"\xc1", "not valid msgpack"),
+        (msgpack.packb({"k": 1}), "not a \\[kind"),
+        (msgpack.packb([999]), "unknown message kind 999"),
+        (msgpack.packb([Want.KIND, 1, 2]), "takes 4 fields, got 2"),
+        (msgpack.packb([Want.KIND, 1, -2, 3, False]), "field 'start'"),
+        (msgpack.packb([Want.KIND, 1, 2, 3, 1]), "field 'urgent'"),
+        (msgpack.packb([Release.KIND, [1, "x"]]), "field 'bids'"),
+    ]:
+        with pytest.raises(ProtocolError, match=why):
+            decode(bad)
+    with pytest.raises(ProtocolError, match="larger than"):
+        decode(b"\x90" * 100, max_bytes=10)
+
+
+def test_layout_refuses_unsafe_dtypes_from_a_layout() -> None:
+    tree = msgpack.packb([0, "|O", [2], 0])
+    with pytest.raises(layout.BatchFormatError, match="object dtype"):
+        layout.build(tree, np.zeros(64, np.uint8))
+
+
+def raw_client(endpoint: str) -> tuple[zmq.Context[Any], zmq.Socket[bytes]]:
+    ctx: zmq.Context[Any] = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 10000)
+    sock.connect(endpoint)
+    return ctx, sock
+
+
+def test_version_mismatch_is_refused_clearly(serve: Any) -> None:
+    server = serve(seqs.Indexed(4), workers=1)
+    ctx, sock = raw_client(server.endpoint)
+    try:
+        sock.send(encode(Hello(VERSION + 1, "default", os.getpid(), 0, "old client")))
+        reply = decode(sock.recv())
+        assert isinstance(reply, Refused)
+        assert f"protocol version {VERSION + 1} is not this server's {VERSION}" in reply.reason
+        sock.send(encode(Hello(VERSION, "nosuch", os.getpid(), 0, "x")))
+        reply = decode(sock.recv())
+        assert isinstance(reply, Refused) and "no dataset 'nosuch'" in reply.reason
+    finally:
+        ctx.destroy(0)
+    with pytest.raises(ProtocolError, match="no dataset 'val'"):
+        RemoteSequence(server.endpoint, dataset="val")
+
+
+def test_a_consumer_cannot_release_what_it_does_not_hold(serve: Any) -> None:
+    server = serve(seqs.Indexed(6), workers=1)
+    ctx, sock = raw_client(server.endpoint)
+    try:
+        sock.send(encode(Hello(VERSION, "default", os.getpid(), 0, "raw")))
+        assert isinstance(decode(sock.recv()), Welcome)
+        sock.send(encode(Release([1, 2, 3])))
+        reply = decode(sock.recv())
+        assert isinstance(reply, Refused) and "does not hold" in reply.reason
+        sock.send(encode(Want(0, 0, 99, False)))
+        reply = decode(sock.recv())
+        assert isinstance(reply, Refused) and "not a range of positions" in reply.reason
+    finally:
+        ctx.destroy(0)
+
+
+junk = st.one_of(
+    st.binary(max_size=64),
+    st.builds(lambda v: msgpack.packb(v), st.recursive(
+        st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(),
+                  st.text(max_size=8), st.binary(max_size=8)),
+        lambda kids: st.lists(kids, max_size=6), max_leaves=12)),
+    st.builds(lambda kind, rest: msgpack.packb([kind, *rest]),
+              st.sampled_from([1, 2, 3, 4, 5, 6, 7, 20, 21, 40, 41, 52, 99]),
+              st.lists(st.one_of(st.integers(-5, 2**40), st.booleans(), st.text(max_size=4),
+                                 st.lists(st.integers(-3, 2**33), max_size=4)), max_size=6)),
+)
+
+
+@pytest.mark.timeout(240)
+def test_fuzzed_endpoint_never_crashes_or_stalls_the_server(serve: Any,
+                                                            isolated: dict[str, Path]) -> None:
+    server = serve(seqs.Indexed(30), workers=2)
+    ctx, sock = raw_client(server.endpoint)
+    good = RemoteSequence(server.endpoint, timeout=10)
+    it = iter(good)
+    seen: list[int] = []
+
+    @settings(max_examples=300, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.lists(junk, min_size=1, max_size=5))
+    def hammer(messages: list[bytes]) -> None:
+        for m in messages:
+            sock.send(m)
+        # the honest consumer keeps being served while the hostile one talks
+        seen.append(int(next(it)[1][0]) if len(seen) < 30 else -1)
+
+    try:
+        hammer()
+        good.on_epoch_end()
+        assert [int(y[0]) for _x, y in good] == list(range(30))
+    finally:
+        good.close()
+        ctx.destroy(0)
+    assert [s for s in seen if s >= 0] == list(range(min(30, len(seen))))
