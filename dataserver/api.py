@@ -80,7 +80,15 @@ class DataServer:
                     )
                 if time.monotonic() > deadline:
                     raise DataServerError("the server did not become ready in time")
-            reply = msgpack.unpackb(parent.recv_bytes())
+            try:
+                reply = msgpack.unpackb(parent.recv_bytes())
+            except EOFError:
+                self._process.join(5)
+                raise DataServerError(
+                    f"the server process exited during start-up (exit code "
+                    f"{self._process.exitcode}); see its log above. Started from a script? "
+                    "Guard the code that starts it with `if __name__ == '__main__':`"
+                ) from None
         except BaseException:
             self.close()
             raise

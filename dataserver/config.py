@@ -16,6 +16,10 @@ __all__ = ["ServerConfig", "default_endpoint", "parse_size"]
 WorkerType = Literal["process", "thread"]
 StartMethod = Literal["spawn", "forkserver", "fork"]
 
+#: Auto prefetch fills at most this much shared memory (or half of what is free).
+RING_BUDGET_BYTES = 512 << 20
+MAX_AUTO_PREFETCH = 64
+
 _UNITS = {
     "": 1, "b": 1,
     "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
@@ -93,9 +97,12 @@ class ServerConfig:
 
     * ``workers``: the CPUs this process may use; more only adds contention.
     * ``worker_type="process"``: Python-level decoding holds the GIL; threads suit numpy/IO work.
-    * ``prefetch``: batches produced ahead of each consumer; 2 per worker keeps every worker busy
-      while the consumer works, without holding much memory.
-    * ``slots``: prefetch + 4: the batch in the user's hands, the one being fetched, and slack.
+    * ``prefetch=0`` (auto): batches produced ahead of each consumer, sized once the slot size
+      is known: as many as fit in ``RING_BUDGET_BYTES`` (or half the free shared memory), at
+      least 2 per worker (min 4), at most 64. Small batches need a deep window to amortise
+      messages; big ones must not exhaust /dev/shm.
+    * ``slots=0`` (auto): prefetch plus a quarter (at least 4) of slack for the batches in the
+      user's hands and releases on their way back.
     * ``slot_bytes=None`` (auto): size slots from the first batch with 25 % headroom.
     * ``start_method="spawn"``: ZeroMQ contexts and threads do not survive fork.
     * ``max_retries=2``: a batch whose worker died is retried twice, then reported.
@@ -133,14 +140,12 @@ class ServerConfig:
             raise ConfigError(
                 f"--start-method must be spawn, forkserver or fork, got {self.start_method!r}"
             )
-        if self.prefetch == 0:
-            set_("prefetch", max(4, 2 * self.workers))
-        _positive("prefetch", self.prefetch)
-        if self.slots == 0:
-            set_("slots", self.prefetch + 4)
-        _positive("slots", self.slots)
-        if self.slots < 2:
-            raise ConfigError("--slots must be at least 2")
+        if self.prefetch:
+            _positive("prefetch", self.prefetch)
+        if self.slots:
+            _positive("slots", self.slots)
+            if self.slots < 2:
+                raise ConfigError("--slots must be at least 2")
         if self.slot_bytes is not None:
             set_("slot_bytes", parse_size(self.slot_bytes, "--slot-bytes"))
         if self.max_retries < 0:
@@ -149,6 +154,16 @@ class ServerConfig:
             raise ConfigError(f"--batch-timeout must be positive seconds, got {self.batch_timeout}")
         if self.startup_timeout <= 0:
             raise ConfigError(f"startup_timeout must be positive, got {self.startup_timeout}")
+
+    def ring_geometry(self, slot_bytes: int, shm_free: int) -> tuple[int, int]:
+        """(prefetch, slots) for slots of ``slot_bytes``: the options, or the auto rule above."""
+        prefetch = self.prefetch
+        if not prefetch:
+            budget = min(RING_BUDGET_BYTES, shm_free // 2)
+            floor = max(4, 2 * self.workers)
+            prefetch = max(floor, min(MAX_AUTO_PREFETCH, budget * 4 // (5 * slot_bytes)))
+        slots = self.slots or prefetch + max(4, prefetch // 4)
+        return prefetch, slots
 
     @classmethod
     def from_options(cls, **options: Any) -> ServerConfig:

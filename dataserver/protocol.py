@@ -310,15 +310,17 @@ class StartFailed(Message):
     traceback: str
 
 
-@_message(52, "uint", "str", "uint", "bytes")
+@_message(52, "uint", "str", "uint", "bytes", "float")
 @dataclass(frozen=True, slots=True)
 class Done(Message):
-    """Batch ``bid`` is written: into its slot (``segment`` "") or a one-off segment."""
+    """Batch ``bid`` is written: into its slot (``segment`` "") or a one-off segment;
+    making it took ``busy_s`` seconds."""
 
     bid: int
     segment: str
     nbytes: int
     layout: bytes
+    busy_s: float
 
 
 @_message(53, "uint", "str", "str", "str")

@@ -31,11 +31,13 @@ PENDING, RUNNING, READY = 0, 1, 2
 #: The widest range one Want may name, and the most wants one consumer may have outstanding.
 MAX_WANT_SPAN = 4096
 MAX_WAITING = 65536
+MIN_DEPTH = 2
+QUEUE_S = 0.002
 
 
 class Entry:
     __slots__ = ("attempts", "bid", "epoch", "index", "keep", "layout", "leases", "nbytes",
-                 "segment", "slot", "started", "state", "urgent", "waiters", "worker")
+                 "segment", "slot", "started", "state", "suspect", "urgent", "waiters", "worker")
 
     def __init__(self, bid: int, epoch: int, index: int) -> None:
         self.bid = bid
@@ -53,6 +55,7 @@ class Entry:
         self.waiters: list[tuple[bytes, int]] = []
         self.urgent = False
         self.keep = False  # produced before anyone asked (the slot-sizing probe)
+        self.suspect = False  # was queued on a worker that died: run it alone next time
 
 
 @dataclass
@@ -78,6 +81,7 @@ class WorkerState:
     ready: bool = False
     epoch: int = 0
     inflight: dict[int, None] = field(default_factory=dict)  # bids in the order sent; first runs
+    isolated: bool = False  # runs a suspect batch alone
     done: int = 0
     errors: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -99,7 +103,8 @@ class Scheduler:
         self.shuffle = shuffle
         self.seed = seed
         self.max_retries = max_retries
-        self.depth = depth  # tasks queued per worker, the running one included
+        self.depth = depth  # most tasks queued per worker, the running one included
+        self.busy_s = 0.0  # moving average of the time one batch takes
         self.barrier = barrier  # thread workers share one Sequence: finish an epoch first
         self.on_epoch_advance = on_epoch_advance
         self.epoch_running = 0
@@ -269,11 +274,13 @@ class Scheduler:
         w = self.workers.get(wid)
         if w is not None:
             w.inflight.pop(bid, None)
+            w.isolated = False
             self.task_started(wid)
         self.running_epochs[e.epoch] -= 1
         return e
 
-    def done(self, wid: int, bid: int, segment: str, nbytes: int, layout: bytes) -> None:
+    def done(self, wid: int, bid: int, segment: str, nbytes: int, layout: bytes,
+             busy_s: float = 0.0) -> None:
         e = self._running(wid, bid)
         if e is None:  # a late answer for a batch given to another worker: drop it
             if segment:
@@ -281,6 +288,7 @@ class Scheduler:
             return
         w = self.workers[wid]
         w.done += 1
+        self.busy_s += (busy_s - self.busy_s) * 0.1 if self.busy_s else busy_s
         if segment:
             if e.slot >= 0:
                 self._free_slot(e.slot)
@@ -310,12 +318,16 @@ class Scheduler:
 
     def worker_gone(self, wid: int, reason: str, quarantine: bool = False) -> list[Entry]:
         """A worker exited or was killed: retry what it held, or report it after max_retries.
+
+        Workers announce finished batches together, so with several batches queued the server
+        cannot tell which one the worker died on. Then none is charged a try; each is marked
+        *suspect* and next runs alone on a worker, where a death is attributed exactly.
         ``quarantine`` keeps its slots out of use (a hung thread may still write them)."""
         w = self.workers.pop(wid, None)
         if w is None:
             return []
         retried = []
-        running = next(iter(w.inflight), None)
+        attributable = len(w.inflight) == 1
         for bid in reversed(w.inflight):
             e = self.by_bid[bid]
             self.running_epochs[e.epoch] -= 1
@@ -325,8 +337,10 @@ class Scheduler:
                 else:
                     self._free_slot(e.slot)
             e.slot = -1
-            if bid == running:  # the batches queued behind it were never tried
+            if attributable:
                 e.attempts += 1
+            else:
+                e.suspect = True
             if e.attempts > self.max_retries:
                 self.stats["died"] += 1
                 self._fail(e, "died", "WorkerDied",
@@ -352,17 +366,27 @@ class Scheduler:
 
     # --- dispatch ---------------------------------------------------------------------------
 
-    def _pick_worker(self) -> WorkerState | None:
+    def _depth(self) -> int:
+        """Tasks a worker may have queued: about QUEUE_S of work, at least 2 (one running, one
+        waiting), at most ``depth``. Deep queues amortise messages for cheap batches; shallow
+        ones keep a slow batch from holding up the ones queued behind it."""
+        if self.busy_s <= 0:
+            return MIN_DEPTH
+        return max(MIN_DEPTH, min(self.depth, 1 + int(QUEUE_S / self.busy_s)))
+
+    def _pick_worker(self, depth: int, alone: bool) -> WorkerState | None:
+        """The least loaded ready worker with room; an idle one if the task must run alone."""
         best = None
         for w in self.workers.values():
-            if w.ready and len(w.inflight) < self.depth and (
-                best is None or len(w.inflight) < len(best.inflight)
-            ):
+            if not w.ready or w.isolated or len(w.inflight) >= (1 if alone else depth):
+                continue
+            if best is None or len(w.inflight) < len(best.inflight):
                 best = w
         return best
 
     def dispatch(self) -> None:
         now = time.monotonic()
+        depth = self._depth()
         while self.pending:
             e = self.pending[0]
             if e.state != PENDING:
@@ -378,7 +402,7 @@ class Scheduler:
                 if self.on_epoch_advance is not None:
                     self.on_epoch_advance(e.epoch)
                 self.epoch_running = e.epoch
-            w = self._pick_worker()
+            w = self._pick_worker(depth, e.suspect)
             if w is None:
                 return
             if self.free_slots:
@@ -393,6 +417,7 @@ class Scheduler:
             e.worker = w.wid
             e.started = now if not w.inflight else 0.0
             w.inflight[e.bid] = None
+            w.isolated = e.suspect
             self.running_epochs[e.epoch] += 1
             self.out_tasks.setdefault(w.wid, []).append([e.bid, e.epoch, e.index, slot])
 

@@ -86,6 +86,7 @@ class Server:
         self.exit_code = 0
         self.ring: shm.Segment | None = None
         self.ring_name = ""
+        self.prefetch = 0
         self.lock: shm.ServerLock | None = None
         self.rundir: Path | None = None
         self.ipc_path: Path | None = None
@@ -200,13 +201,20 @@ class Server:
     def _make_ring(self, slot_bytes: int) -> None:
         assert self.sched is not None
         slot_bytes = (slot_bytes + 4095) & ~4095
-        slots = self.config.slots
+        try:
+            st = os.statvfs(self.shm_dir)
+            free = st.f_bavail * st.f_frsize
+        except OSError:
+            free = 1 << 40
+        self.prefetch, slots = self.config.ring_geometry(slot_bytes, free)
+        assert self.sched is not None
+        self.sched.depth = max(WORKER_QUEUE_DEPTH, -(-self.prefetch // self.config.workers))
         self.ring_name = f"{shm.PREFIX}{self.server_id}-ring"
         self.ring = shm.create(self.shm_dir / self.ring_name, slots * slot_bytes,
                                f"a ring of {slots} slots x {shm.format_bytes(slot_bytes)}")
         self.sched.set_ring(slots, slot_bytes)
-        log.info("ring: %d slots x %s in %s", slots, shm.format_bytes(slot_bytes),
-                 self.shm_dir / self.ring_name)
+        log.info("ring: %d slots x %s in %s; prefetch %d", slots, shm.format_bytes(slot_bytes),
+                 self.shm_dir / self.ring_name, self.prefetch)
         for w in self.sched.workers.values():
             if w.ready:
                 self._send_worker(w.wid, UseRing(self.ring_name, slot_bytes, slots))
@@ -290,11 +298,9 @@ class Server:
 
     def _drain(self, sock: zmq.Socket[bytes], handle: Callable[[list[bytes]], None]) -> None:
         for _ in range(10000):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            if not sock.get(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[operator,arg-type]
                 return
-            handle(frames)
+            handle(sock.recv_multipart())
 
     def _flush(self) -> None:
         sched = self.sched
@@ -322,10 +328,15 @@ class Server:
     def _on_worker_frames(self, frames: list[bytes]) -> None:
         sched = self.sched
         assert sched is not None
-        msg = decode(frames[-1])
         wid = int(frames[0][1:])
+        for frame in frames[1:]:
+            self._on_worker_message(wid, decode(frame))
+
+    def _on_worker_message(self, wid: int, msg: Message) -> None:
+        sched = self.sched
+        assert sched is not None
         if isinstance(msg, Done):
-            sched.done(wid, msg.bid, msg.segment, msg.nbytes, msg.layout)
+            sched.done(wid, msg.bid, msg.segment, msg.nbytes, msg.layout, msg.busy_s)
         elif isinstance(msg, Raised):
             sched.raised(wid, msg.bid, msg.type_name, msg.message, msg.traceback)
         elif isinstance(msg, WorkerReady):
@@ -453,7 +464,7 @@ class Server:
         cfg = self.config
         self.clients.send_multipart([cid, encode(Welcome(
             VERSION, self.server_id, DATASET, self.length, cfg.shuffle, cfg.seed,
-            str(self.shm_dir), self.ring_name, sched.slot_bytes, sched.slots, cfg.prefetch,
+            str(self.shm_dir), self.ring_name, sched.slot_bytes, sched.slots, self.prefetch,
             os.getpid(), pid_namespace(), HEARTBEAT_S,
         ))])
         return None

@@ -17,7 +17,9 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,8 @@ from dataserver.source import SequenceSource, WorkerInfo, set_worker_info
 __all__ = ["WorkerSpec", "worker_main"]
 
 POLL_INTERVAL_S = 0.5
+#: Finished batches are announced together while more are queued, but never later than this.
+FLUSH_AFTER_S = 0.001
 log = logging.getLogger("dataserver.worker")
 
 
@@ -92,8 +96,10 @@ class _Worker:
         self.ring_array = np.frombuffer(self.ring.mm, np.uint8)
         self.slot_bytes = msg.slot_bytes
 
-    def run_task(self, bid: int, epoch: int, index: int, slot: int) -> None:
+    def run_task(self, bid: int, epoch: int, index: int, slot: int) -> bytes:
+        """Produce one batch; return the answer to send (Done or Raised)."""
         spec = self.spec
+        t0 = time.perf_counter()
         try:
             if spec.on_epoch_end:
                 while self.epoch < epoch and hasattr(self.seq, "on_epoch_end"):
@@ -116,9 +122,8 @@ class _Worker:
             else:
                 segment = self.write_oversize(bid, plan)
         except Exception as exc:  # MemoryError too: the batch failed, the worker goes on
-            self.sock.send(encode(Raised(bid, *_error_fields(exc))))
-            return
-        self.sock.send(encode(Done(bid, segment, plan.nbytes, plan.layout)))
+            return encode(Raised(bid, *_error_fields(exc)))
+        return encode(Done(bid, segment, plan.nbytes, plan.layout, time.perf_counter() - t0))
 
     def write_oversize(self, bid: int, plan: layout.Plan) -> str:
         name = f"{shm.PREFIX}{self.spec.server_id}-big-{bid}"
@@ -133,20 +138,36 @@ class _Worker:
         return name
 
     def serve(self) -> None:
+        """Wait for messages; run queued tasks in order. Answers are sent together while more
+        tasks are queued, but never held longer than ``FLUSH_AFTER_S``."""
         poll_ms = int(POLL_INTERVAL_S * 1000)
+        queue: deque[list[int]] = deque()
+        unsent: list[bytes] = []
+        first_unsent = 0.0
         while True:
-            if not self.sock.poll(poll_ms):
-                if self.spec.kind == "process" and os.getppid() != self.spec.parent_pid:
-                    return  # the server is gone
-                continue
-            msg = decode(self.sock.recv())
-            if isinstance(msg, Tasks):
-                for bid, epoch, index, slot in msg.items:
-                    self.run_task(bid, epoch, index, slot)
-            elif isinstance(msg, UseRing):
-                self.use_ring(msg)
-            elif isinstance(msg, Stop):
-                return
+            if not queue:
+                if unsent:
+                    self.sock.send_multipart(unsent)
+                    unsent = []
+                if not self.sock.poll(poll_ms):
+                    if self.spec.kind == "process" and os.getppid() != self.spec.parent_pid:
+                        return  # the server is gone
+                    continue
+            while self.sock.get(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[operator,arg-type]
+                msg = decode(self.sock.recv())
+                if isinstance(msg, Tasks):
+                    queue.extend(msg.items)
+                elif isinstance(msg, UseRing):
+                    self.use_ring(msg)
+                elif isinstance(msg, Stop):
+                    return
+            if queue:
+                if not unsent:
+                    first_unsent = time.perf_counter()
+                unsent.append(self.run_task(*queue.popleft()))
+                if time.perf_counter() - first_unsent > FLUSH_AFTER_S:
+                    self.sock.send_multipart(unsent)
+                    unsent = []
 
 
 def worker_main(spec: WorkerSpec) -> None:

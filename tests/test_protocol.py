@@ -9,11 +9,11 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
-import seqs
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import seqs
 from dataserver import layout
 from dataserver.client import ProtocolError, RemoteSequence
 from dataserver.protocol import (
