@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -66,14 +67,15 @@ def run_demo(epochs: int = 2, batches: int = 200, workers: int = 2) -> int:
 
     from dataserver.api import DataServer
     from dataserver.client import RemoteSequence
-    from dataserver.shm import format_bytes
+    from dataserver.shm import format_bytes, private_dir, runtime_root
 
     console = Console(stderr=False)
     console.print(f"[bold]dataserver demo[/]: {workers} process workers serve SyntheticImages "
                   f"({batches} batches of 32x64x64x3 float32, 2 ms of Python work each)")
     t0 = time.perf_counter()
+    endpoint = f"ipc://{private_dir(runtime_root())}/demo-{os.getpid()}.sock"
     with DataServer(spec="dataserver.demo:SyntheticImages", args={"batches": batches},
-                    workers=workers, worker_type="process") as server:
+                    workers=workers, worker_type="process", endpoint=endpoint) as server:
         ready_s = time.perf_counter() - t0
         console.print(f"server ready at {server.endpoint} in {ready_s:.2f} s (pid {server.pid})")
         nbytes = 0

@@ -337,6 +337,8 @@ class Server:
         assert sched is not None
         if isinstance(msg, Done):
             sched.done(wid, msg.bid, msg.segment, msg.nbytes, msg.layout, msg.busy_s)
+            if msg.segment and not self._warned_oversize:
+                self._maybe_warn_oversize(time.monotonic())
         elif isinstance(msg, Raised):
             sched.raised(wid, msg.bid, msg.type_name, msg.message, msg.traceback)
         elif isinstance(msg, WorkerReady):
@@ -495,12 +497,19 @@ class Server:
             for inc, h in list(self.pool.handles.items()):
                 if not h.alive() and inc in sched.workers:
                     self._replace(inc, f"worker thread {h.spec.worker} ended unexpectedly")
+        self._maybe_warn_oversize(now)
+
+    def _maybe_warn_oversize(self, now: float) -> None:
+        sched = self.sched
+        assert sched is not None
         n = sched.stats["oversize"]
-        if n > self._warned_oversize and now - self._last_oversize_warn > OVERSIZE_WARN_INTERVAL_S:
+        quiet = now - self._last_oversize_warn > OVERSIZE_WARN_INTERVAL_S
+        if n > self._warned_oversize and (not self._warned_oversize or quiet):
+            fit = -(-int(sched.largest_oversize * SLOT_HEADROOM) // 1024)
             log.warning(
                 "%d batches did not fit in %s slots and traveled in one-off segments (slower); "
-                "--slot-bytes %d would fit the largest so far", n,
-                shm.format_bytes(sched.slot_bytes), int(sched.largest_oversize * SLOT_HEADROOM))
+                "--slot-bytes %dKiB would fit the largest so far", n,
+                shm.format_bytes(sched.slot_bytes), fit)
             self._warned_oversize = n
             self._last_oversize_warn = now
 

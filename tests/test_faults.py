@@ -176,3 +176,54 @@ def test_cli_bad_input_is_one_clear_line(isolated: dict[str, Path], args: list[s
     errors = [line for line in out.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and message in errors[0], out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_stopped_server_is_unavailable_after_the_timeout(serve: Any) -> None:
+    server = serve(seqs.Indexed(40, delay=0.02), workers=1)
+    with RemoteSequence(server.endpoint, timeout=2) as seq:
+        it = iter(seq)
+        next(it)
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(ServerUnavailable, match="did not answer for 2 s"):
+                for _ in it:
+                    pass
+            assert 1.5 < time.monotonic() - t0 < 6
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("method", ["forkserver", "fork"])
+def test_other_start_methods(serve: Any, method: str) -> None:
+    server = serve(seqs.Indexed(30), start_method=method)
+    with RemoteSequence(server.endpoint) as seq:
+        assert [int(y[0]) for _x, y in seq] == list(range(30))
+
+
+def test_demo_command_runs_and_checks_order(isolated: dict[str, Path]) -> None:
+    out = subprocess.run([sys.executable, "-m", "dataserver", "demo", "--batches", "40"],
+                         capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stderr
+    assert "80 in" in out.stdout and "in order, each exactly once" in out.stdout
+    assert "batches/s" in out.stdout and "GB/s" in out.stdout and "USS" in out.stdout
+
+
+def test_cli_warns_once_about_oversize_batches(isolated: dict[str, Path]) -> None:
+    endpoint = f"ipc://{isolated['runtime']}/big.sock"
+    proc = start_cli("seqs:Sized", "--arg", "big_at=[3]", "--workers", "1", "--endpoint",
+                     endpoint)
+    try:
+        wait_ready(proc)
+        with RemoteSequence(endpoint) as seq:
+            assert [int(y[0]) for _x, y in seq] == list(range(12))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        err = proc.stderr.read() if proc.stderr else ""
+        assert "1 batches did not fit in" in err and "--slot-bytes 1281KiB would fit" in err, err
+    finally:
+        proc.kill()
+        proc.wait()
+        for f in (proc.stdout, proc.stderr):
+            if f:
+                f.close()
