@@ -1,0 +1,186 @@
+"""The four contenders. Each ``measure_*`` runs one measurement and returns a dict of figures.
+
+* ``inline``: ``seq[i]`` in this process, then consume it.
+* ``ring``: ``seq[i]`` in this process, ``np.copyto`` into a slot of a preallocated
+  shared-memory ring (a file in the shm directory, unlinked as soon as it is mapped), consume
+  the slot: one copy and nothing else, the single-copy ceiling for one producer (a server
+  with 2 workers can beat it when producing the batch, not copying it, is the cost).
+* ``process`` / ``thread``: a ``DataServer`` with 2 workers of that kind, started outside the
+  timed region; epoch 1 gives the time to first batch, epoch 2 (after ``on_epoch_end``) the
+  steady-state rate, and the gap between them the epoch-end stall.
+
+inline and ring have no start-up and no epoch boundary to speak of: they cycle through the
+indices until ``min_s`` has passed (after an untimed warm-up) and report the mean rate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import mmap
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from time import perf_counter
+from typing import Any
+
+import numpy as np
+
+from bench.workload import BenchError, Checker, Workload
+
+__all__ = ["CONTENDERS", "measure"]
+
+CONTENDERS = ("inline", "ring", "process", "thread")
+RING_SLOTS = 4
+#: inline and ring first run untimed for this fraction of ``min_s`` (the dataservers' epoch 1
+#: plays that part for them): first-touch page faults, allocator and cache warm-up.
+WARMUP = 0.2
+RING_PREFIX = "dsbench-ring-"
+_servers = itertools.count()
+
+
+def _result(batches: int, seconds: float, nbytes: int, **extra: Any) -> dict[str, Any]:
+    rate = batches / seconds
+    return {"batches": batches, "seconds": seconds, "batches_per_s": rate,
+            "gb_per_s": rate * nbytes / 1e9, **extra}
+
+
+def _stride(wl: Workload) -> int:
+    """How many batches between clock reads in the baselines' loops (reads cost ~0.1 us)."""
+    return 1 if wl.cpu_us or wl.nbytes >= 64 << 10 else 256
+
+
+def measure_inline(wl: Workload, check: Checker, min_s: float) -> dict[str, Any]:
+    _inline_loop(wl, check, min_s * WARMUP)
+    done, elapsed = _inline_loop(wl, check, min_s)
+    return _result(done, elapsed, wl.nbytes, warmup_s=min_s * WARMUP)
+
+
+def _inline_loop(wl: Workload, check: Checker, min_s: float) -> tuple[int, float]:
+    n, stride, done = len(wl), _stride(wl), 0
+    t0 = perf_counter()
+    while True:
+        i = done % n
+        x, y = wl[i]
+        check(x, y, i)
+        done += 1
+        if done % stride == 0:
+            elapsed = perf_counter() - t0
+            if elapsed >= min_s:
+                return done, elapsed
+
+
+@contextlib.contextmanager
+def shm_ring(directory: Path, slot_bytes: int, slots: int) -> Iterator[mmap.mmap]:
+    """A mapped shared-memory file of ``slots * slot_bytes``; the file is unlinked at once, so
+    nothing is left behind whatever happens next."""
+    path = directory / f"{RING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    size = slots * slot_bytes
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, size)  # reserve the pages up front, as the dataserver does
+        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    try:
+        yield mm
+    finally:
+        with contextlib.suppress(BufferError):
+            mm.close()
+
+
+def measure_ring(wl: Workload, check: Checker, min_s: float, shm_dir: Path) -> dict[str, Any]:
+    x_bytes = wl.nbytes
+    y_off = (x_bytes + 63) & ~63
+    slot_bytes = (y_off + 64 + 4095) & ~4095
+    with shm_ring(shm_dir, slot_bytes, RING_SLOTS) as mm:
+        _ring_loop(wl, check, min_s * WARMUP, mm, slot_bytes, y_off)
+        done, elapsed = _ring_loop(wl, check, min_s, mm, slot_bytes, y_off)
+    return _result(done, elapsed, wl.nbytes, warmup_s=min_s * WARMUP, slots=RING_SLOTS,
+                   slot_bytes=slot_bytes)
+
+
+def _ring_loop(wl: Workload, check: Checker, min_s: float, mm: mmap.mmap, slot_bytes: int,
+               y_off: int) -> tuple[int, float]:
+    """The timed loop; its views into ``mm`` die with its frame, so the map can be closed."""
+    region = np.frombuffer(mm, np.uint8)
+    slots = [(region[k * slot_bytes: k * slot_bytes + wl.nbytes].view(np.float32),
+              region[k * slot_bytes + y_off: k * slot_bytes + y_off + 8].view(np.int64))
+             for k in range(RING_SLOTS)]
+    n, stride, done = len(wl), _stride(wl), 0
+    t0 = perf_counter()
+    while True:
+        i = done % n
+        x, y = wl[i]
+        xd, yd = slots[i % RING_SLOTS]
+        np.copyto(xd, x)
+        np.copyto(yd, y)
+        del x, y
+        check(xd, yd, i)
+        done += 1
+        if done % stride == 0:
+            elapsed = perf_counter() - t0
+            if elapsed >= min_s:
+                return done, elapsed
+
+
+def _epoch(rs: Any, check: Checker, n: int) -> tuple[float, float, int]:
+    """Read one epoch: (time of the first batch, time after the last was consumed, count)."""
+    it = iter(rs)
+    x, y = next(it)
+    t_first = perf_counter()
+    check(x, y, 0)
+    count = 1
+    for x, y in it:  # rebinding x, y frees the previous batch (its slot is released)
+        check(x, y, count)
+        count += 1
+    del x, y
+    t_end = perf_counter()
+    if count != n:
+        raise BenchError(f"an epoch of {n} batches yielded {count}")
+    return t_first, t_end, count
+
+
+def measure_dataserver(wl: Workload, check: Checker, kind: str, run_dir: Path,
+                       workers: int = 2) -> dict[str, Any]:
+    from dataserver import DataServer
+    from dataserver.client import RemoteSequence
+
+    n = len(wl)
+    endpoint = f"ipc://{run_dir}/bench-{kind}-{next(_servers)}.sock"
+    t0 = perf_counter()
+    with DataServer(wl, workers=workers, worker_type=kind, endpoint=endpoint) as server:
+        startup = perf_counter() - t0
+        t0 = perf_counter()
+        with RemoteSequence(server.endpoint, timeout=60) as rs:
+            connect = perf_counter() - t0
+            t_start1 = perf_counter()
+            t_first1, t_end1, _ = _epoch(rs, check, n)
+            rs.on_epoch_end()
+            t_start2 = perf_counter()
+            t_first2, t_end2, _ = _epoch(rs, check, n)
+        t_stop = perf_counter()
+    stopped = perf_counter() - t_stop  # DataServer.close(): server, workers and segments gone
+    e2 = t_end2 - t_start2
+    return _result(
+        n, e2, wl.nbytes, workers=workers,
+        ttfb_s=t_first1 - t_start1,
+        stall_s=t_first2 - t_end1,
+        epoch1_s=t_end1 - t_start1,
+        epoch1_batches_per_s=n / (t_end1 - t_start1),
+        epoch2_after_first_batches_per_s=(n - 1) / (t_end2 - t_first2) if n > 1 else None,
+        startup_s=startup, connect_s=connect, stop_s=stopped,
+    )
+
+
+def measure(contender: str, wl: Workload, check: Checker, *, min_s: float, shm_dir: Path,
+            run_dir: Path) -> dict[str, Any]:
+    if contender == "inline":
+        return measure_inline(wl, check, min_s)
+    if contender == "ring":
+        return measure_ring(wl, check, min_s, shm_dir)
+    if contender in ("process", "thread"):
+        return measure_dataserver(wl, check, contender, run_dir)
+    raise ValueError(f"unknown contender {contender!r}; known: {', '.join(CONTENDERS)}")
