@@ -314,11 +314,24 @@ class RemoteSequence:
         if not 0 <= i < self._len:
             raise IndexError(f"batch index {index} out of range for {self._len} batches")
         if not self.shuffle:
-            g = self._epoch * self._len + i
-            if self._cursor <= g < self._cursor + max(self.prefetch, 1) + 1:
-                self._skip_to(g)
-                return self._next()
+            return self.at(i)
         return self._fetch(i)
+
+    def at(self, position: int) -> Any:
+        """The batch at ``position`` of this epoch's order (the server's permutation when
+        shuffling; the same as ``seq[position]`` otherwise). Reading positions in order is
+        prefetched, as iteration is; this is what framework adapters call."""
+        self._check_open()
+        if not 0 <= position < self._len:
+            raise IndexError(f"position {position} out of range for {self._len} batches")
+        g = self._epoch * self._len + position
+        if self._cursor <= g < self._cursor + max(self.prefetch, 1) + 1:
+            self._skip_to(g)
+            return self._next()
+        if not self.shuffle:
+            return self._fetch(position)
+        self._skip_to(g)  # out of sequence under shuffling: restart the stream there
+        return self._next()
 
     def _fetch(self, index: int) -> Any:
         key = (self._epoch, index)
