@@ -22,6 +22,8 @@ Layout nodes (msgpack arrays):
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,34 +174,55 @@ def write(p: Plan, region: np.ndarray[Any, Any]) -> None:
         region[off : off + len(data)] = np.frombuffer(data, np.uint8)
 
 
+Builder = Callable[[np.ndarray[Any, Any], bool], Any]
+_builders: dict[bytes, Builder] = {}
+#: Distinct layouts kept compiled; batches of one Sequence usually share a handful.
+BUILDER_CACHE_SIZE = 256
+
+
 def build(layout: bytes, region: np.ndarray[Any, Any], copy: bool = False) -> Any:
-    """Rebuild a batch from its layout as views into ``region`` (owned copies if ``copy``)."""
-    tree = msgpack.unpackb(layout, raw=False, strict_map_key=False, use_list=True)
-    return _build(tree, region, copy)
+    """Rebuild a batch from its layout as views into ``region`` (owned copies if ``copy``).
+    Layouts are compiled once: batches of the same shapes share one builder."""
+    builder = _builders.get(layout)
+    if builder is None:
+        tree = msgpack.unpackb(layout, raw=False, strict_map_key=False, use_list=True)
+        builder = _compile(tree)
+        if len(_builders) >= BUILDER_CACHE_SIZE:
+            _builders.clear()
+        _builders[layout] = builder
+    return builder(region, copy)
 
 
-def _build(node: list[Any], region: np.ndarray[Any, Any], copy: bool) -> Any:
+def _compile(node: list[Any]) -> Builder:
     tag = node[0]
     if tag == _ARRAY:
         _, descr, shape, off = node
         dtype = _dtype(descr)
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        if count * dtype.itemsize == 0:
-            return np.empty(shape, dtype)
-        arr = np.ndarray(shape, dtype, buffer=region, offset=off)
-        return arr.copy() if copy else arr
-    if tag == _TUPLE:
-        return tuple(_build(c, region, copy) for c in node[1])
-    if tag == _LIST:
-        return [_build(c, region, copy) for c in node[1]]
+        shape = tuple(shape)
+        if math.prod(shape) * dtype.itemsize == 0:
+            return lambda region, copy: np.empty(shape, dtype)
+
+        def array(region: np.ndarray[Any, Any], copy: bool) -> Any:
+            arr = np.ndarray(shape, dtype, buffer=region, offset=off)
+            return arr.copy() if copy else arr
+
+        return array
+    if tag in (_TUPLE, _LIST):
+        kids = [_compile(c) for c in node[1]]
+        if tag == _TUPLE:
+            return lambda region, copy: tuple([k(region, copy) for k in kids])
+        return lambda region, copy: [k(region, copy) for k in kids]
     if tag == _DICT:
-        return {k: _build(c, region, copy) for k, c in node[1]}
+        items = [(k, _compile(c)) for k, c in node[1]]
+        return lambda region, copy: {k: b(region, copy) for k, b in items}
     if tag == _VALUE:
-        return node[1]
+        value = node[1]
+        return lambda region, copy: value
     if tag == _BYTES:
-        _, off, n = node
-        return region[off : off + n].tobytes()
+        _, start, n = node
+        return lambda region, copy: region[start : start + n].tobytes()
     if tag == _SCALAR:
         _, descr, raw = node
-        return np.frombuffer(raw, _dtype(descr))[0]
+        scalar = np.frombuffer(raw, _dtype(descr))[0]
+        return lambda region, copy: scalar
     raise BatchFormatError(f"unknown layout node {tag!r}")
