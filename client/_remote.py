@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import threading
 import time
 import weakref
 from collections import Counter, deque
@@ -28,6 +29,7 @@ from dataserver.errors import (
 )
 from dataserver.protocol import (
     VERSION,
+    Alive,
     Bye,
     EpochEnd,
     Failed,
@@ -52,9 +54,25 @@ URGENT_AFTER_S = 0.05
 POLL_SLICE_MS = 50
 
 
-def _close_socket(sock: zmq.Socket[bytes], ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+def _close_socket(sock: zmq.Socket[bytes], ctx: zmq.Context[zmq.Socket[bytes]],
+                  beating: threading.Event) -> None:
+    beating.set()  # stops the heartbeat thread, which closes its own socket
     sock.close(0)
     ctx.term()
+
+
+def _heartbeats(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, identity: bytes,
+                interval: float, stop: threading.Event) -> None:
+    """Tell the server this consumer lives, from a thread of its own: a training step may keep
+    the main thread away from the client for minutes."""
+    sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        while not stop.wait(interval):
+            sock.send(encode(Alive(identity)))
+    finally:
+        sock.close(0)
 
 
 class RemoteSequence:
@@ -68,6 +86,11 @@ class RemoteSequence:
         timeout: seconds without any answer from the server before ``ServerUnavailable``.
             A slow batch is not a silent server: the client pings while it waits.
         prefetch: batches requested ahead of the one being read (default: the server's).
+        shard: ``(rank, world)`` for data-parallel ranks: this consumer sees positions
+            ``rank, rank + world, ...`` of each epoch's order; ``len()`` is the shard's length.
+            The shards of one epoch cover every batch exactly once, and every rank sees the
+            same permutation when the server shuffles.
+        resume: a :meth:`state` saved earlier: continue from exactly the next batch.
 
     States: open -> closed (``close()``, or leaving a ``with`` block). A RemoteSequence is
     used from one thread at a time.
@@ -75,20 +98,35 @@ class RemoteSequence:
 
     def __init__(self, endpoint: str | None = None, *, dataset: str = "default",
                  copy: bool = False, timeout: float = 30.0, prefetch: int | None = None,
+                 shard: tuple[int, int] | None = None, resume: dict[str, Any] | None = None,
                  name: str = "") -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be positive seconds, got {timeout}")
+        if resume is not None:
+            dataset = resume.get("dataset", dataset)
+            saved = tuple(resume.get("shard", (0, 1)))
+            if shard is not None and tuple(shard) != saved:
+                raise ValueError(f"shard={shard} differs from the resumed state's {saved}")
+            shard = (int(saved[0]), int(saved[1]))
+        rank, world = shard or (0, 1)
+        if not (isinstance(world, int) and isinstance(rank, int) and 0 <= rank < world):
+            raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
+        self.shard = (rank, world)
         self.endpoint = endpoint or default_endpoint()
         self.copy = copy
         self.timeout = timeout
         self._closed = False
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._sock: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
+        self._identity = b"c" + os.urandom(8)
+        self._sock.setsockopt(zmq.IDENTITY, self._identity)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDHWM, 0)
         self._sock.setsockopt(zmq.RCVHWM, 0)
         self._sock.connect(self.endpoint)
-        self._finalizer = weakref.finalize(self, _close_socket, self._sock, self._ctx)
+        self._beating = threading.Event()
+        self._finalizer = weakref.finalize(self, _close_socket, self._sock, self._ctx,
+                                           self._beating)
         self._releases: deque[tuple[int, int]] = deque()  # (token, bid) from finalizers
         self._live: dict[int, weakref.finalize[Any, Any]] = {}
         self._tokens = itertools.count()
@@ -103,7 +141,12 @@ class RemoteSequence:
             self._finalizer()
             raise
         self.dataset = w.dataset
-        self._len = w.length
+        self.total = w.length  # batches in the whole epoch; len() is this shard's
+        self._len = len(range(rank, w.length, world))
+        if not self._len:
+            self._finalizer()
+            raise ValueError(f"shard {rank} of {world} is empty: the dataset has only "
+                             f"{w.length} batches")
         self.shuffle = w.shuffle
         self.seed = w.seed
         self.server_id = w.server_id
@@ -111,13 +154,20 @@ class RemoteSequence:
         self.slot_bytes = w.slot_bytes
         self.prefetch = prefetch or w.prefetch
         self._heartbeat = w.heartbeat_s
-        self._server_pid = w.pid if w.pidns and w.pidns == pid_namespace() else 0
+        same_host = bool(w.pidns) and w.pidns == pid_namespace()
+        self._server_pid = w.pid if same_host else 0
+        if not same_host:  # the server cannot see our pid: tell it we are alive
+            threading.Thread(target=_heartbeats, name="dataserver-heartbeat", daemon=True,
+                             args=(self._ctx, self.endpoint, self._identity, w.heartbeat_s,
+                                   self._beating)).start()
         self._shm_dir = Path(w.shm_dir)
         self._ring = shm.attach(self._shm_dir / w.ring, writable=False) if w.ring else None
         self._release_batch = max(1, (self.slots - self.prefetch) // 2)
         self._epoch = 0
         self._cursor = 0  # global position (epoch * len + pos) of the next batch to yield
         self._requested = 0  # global positions below this were asked for
+        if resume is not None:
+            self._resume(resume)
 
     # --- handshake and messages -------------------------------------------------------------
 
@@ -171,7 +221,12 @@ class RemoteSequence:
         if pos < 0:
             self._fetched.setdefault((epoch, index), deque()).append(item)
             return
-        g = epoch * self._len + pos
+        rank, world = self.shard
+        p, off = divmod(pos - rank, world)
+        if off or not 0 <= p < self._len:
+            self._drop(item)
+            return
+        g = epoch * self._len + p
         if self._discard[g] > 0:
             self._discard[g] -= 1
             if not self._discard[g]:
@@ -259,9 +314,14 @@ class RemoteSequence:
         while g < limit:
             epoch, pos = divmod(g, n)
             stop = min(n, pos + (limit - g))
-            self._send(Want(epoch, pos, stop, False))
+            self._send(self._want(epoch, pos, stop, False))
             g += stop - pos
         self._requested = limit
+
+    def _want(self, epoch: int, start: int, stop: int, urgent: bool) -> Want:
+        """Ask for this shard's positions [start, stop) of ``epoch``."""
+        rank, world = self.shard
+        return Want(epoch, rank + start * world, rank + (stop - 1) * world + 1, world, urgent)
 
     def _next(self) -> Any:
         g = self._cursor
@@ -269,7 +329,7 @@ class RemoteSequence:
         item = self._buffer.pop(g, None)
         if item is None:
             epoch, pos = divmod(g, self._len)
-            self._wait(lambda: g in self._buffer, Want(epoch, pos, pos + 1, True))
+            self._wait(lambda: g in self._buffer, self._want(epoch, pos, pos + 1, True))
             item = self._buffer.pop(g)
         self._cursor = g + 1
         return self._materialize(item)
@@ -313,7 +373,7 @@ class RemoteSequence:
             i += self._len
         if not 0 <= i < self._len:
             raise IndexError(f"batch index {index} out of range for {self._len} batches")
-        if not self.shuffle:
+        if not self.shuffle or self.shard[1] > 1:
             return self.at(i)
         return self._fetch(i)
 
@@ -329,7 +389,7 @@ class RemoteSequence:
             self._skip_to(g)
             return self._next()
         if not self.shuffle:
-            return self._fetch(position)
+            return self._fetch(self.shard[0] + position * self.shard[1])
         self._skip_to(g)  # out of sequence under shuffling: restart the stream there
         return self._next()
 
@@ -365,6 +425,30 @@ class RemoteSequence:
                 self._drop(item)
         for g in [g for g in self._discard if g < end - self._len]:
             del self._discard[g]
+
+    def state(self) -> dict[str, Any]:
+        """Where this consumer is, as a small dict to save beside a checkpoint:
+        ``RemoteSequence(..., resume=state)`` continues from exactly the next batch, in the same
+        order (same dataset, shard, seed)."""
+        epoch, position = divmod(self._cursor, self._len)
+        return {"dataset": self.dataset, "epoch": epoch, "position": position,
+                "shard": list(self.shard), "length": self._len, "total": self.total,
+                "shuffle": self.shuffle, "seed": self.seed}
+
+    def _resume(self, state: dict[str, Any]) -> None:
+        for key, have in (("length", self._len), ("total", self.total),
+                          ("shuffle", self.shuffle), ("seed", self.seed)):
+            if key in state and state[key] != have:
+                self.close()
+                raise ValueError(f"cannot resume: the saved state has {key}={state[key]!r}, "
+                                 f"this server's {self.dataset!r} has {have!r}")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position <= self._len:
+            self.close()
+            raise ValueError(f"cannot resume at epoch {epoch}, position {position}")
+        self._epoch = epoch + position // self._len
+        self._epochs_ended = self._epoch
+        self._cursor = self._requested = epoch * self._len + position
 
     def held(self) -> int:
         """How many batches this process still references (each keeps one slot leased)."""

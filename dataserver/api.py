@@ -39,13 +39,21 @@ class DataServer:
     States: new -> running (``start()`` returned: consumers can connect) -> closed.
     """
 
-    def __init__(self, sequence: Any = None, *, spec: str = "",
+    def __init__(self, sequence: Any = None, *, spec: str | dict[str, str] = "",
                  args: dict[str, Any] | None = None, **options: Any) -> None:
         if (sequence is None) == (not spec):
             raise ConfigError("pass a Sequence object or spec='module:name', not both or neither")
         self.config = ServerConfig.from_options(**options)
-        self.source = (SequenceSource(obj=sequence) if sequence is not None
-                       else SequenceSource(spec=spec, kwargs=dict(args or {})))
+        self.source: dict[str, SequenceSource] = {}
+        if isinstance(sequence, dict):  # named datasets: {"train": Train(), "val": Val()}
+            self.source = {name: SequenceSource(obj=seq) for name, seq in sequence.items()}
+        elif sequence is not None:
+            self.source = {"default": SequenceSource(obj=sequence)}
+        elif isinstance(spec, dict):
+            self.source = {name: SequenceSource(spec=s, kwargs=dict(args or {}))
+                           for name, s in spec.items()}
+        else:
+            self.source = {"default": SequenceSource(spec=spec, kwargs=dict(args or {}))}
         self.state = "new"
         self.pid: int | None = None
         self._process: Any = None
@@ -127,5 +135,6 @@ class DataServer:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<DataServer {self.source.name} at {self.endpoint} ({self.state}, pid {self.pid})>"
+        names = ", ".join(f"{k}={v.name}" for k, v in self.source.items())
+        return f"<DataServer {names} at {self.endpoint} ({self.state}, pid {self.pid})>"
 

@@ -107,6 +107,8 @@ class ServerConfig:
     * ``start_method="spawn"``: ZeroMQ contexts and threads do not survive fork.
     * ``max_retries=2``: a batch whose worker died is retried twice, then reported.
     * ``batch_timeout=None``: a batch may take as long as it takes unless you set a deadline.
+    * ``consumer_timeout=10``: a consumer in another pid namespace (whose pid the server cannot
+      watch) that sends no heartbeat (one a second) for this long is gone; its leases return.
     """
 
     endpoint: str = ""
@@ -120,6 +122,7 @@ class ServerConfig:
     start_method: StartMethod = "spawn"
     max_retries: int = 2
     batch_timeout: float | None = None
+    consumer_timeout: float = 10.0
     startup_timeout: float = 120.0
     insecure: bool = False
     log_level: str = "INFO"
@@ -152,6 +155,9 @@ class ServerConfig:
             raise ConfigError(f"--max-retries must be 0 or more, got {self.max_retries}")
         if self.batch_timeout is not None and self.batch_timeout <= 0:
             raise ConfigError(f"--batch-timeout must be positive seconds, got {self.batch_timeout}")
+        if self.consumer_timeout <= 0:
+            raise ConfigError(
+                f"--consumer-timeout must be positive seconds, got {self.consumer_timeout}")
         if self.startup_timeout <= 0:
             raise ConfigError(f"startup_timeout must be positive, got {self.startup_timeout}")
 

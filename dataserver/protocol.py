@@ -29,6 +29,7 @@ from dataserver.errors import ProtocolError
 
 __all__ = [
     "VERSION",
+    "Alive",
     "Bye",
     "Done",
     "EpochEnd",
@@ -145,10 +146,11 @@ class Hello(Message):
     name: str
 
 
-@_message(2, "uint", "uint", "uint", "bool")
+@_message(2, "uint", "uint", "uint", "uint", "bool")
 @dataclass(frozen=True, slots=True)
 class Want(Message):
-    """Produce and announce positions ``[start, stop)`` of ``epoch``'s order.
+    """Produce and announce positions ``range(start, stop, step)`` of ``epoch``'s order (a shard
+    of ``world`` ranks reads every ``world``-th position).
 
     ``urgent`` says the consumer is blocked on ``start``: the server produces it even if every
     ring slot is held (into a one-off segment), so holding batches can never deadlock.
@@ -157,6 +159,7 @@ class Want(Message):
     epoch: int
     start: int
     stop: int
+    step: int
     urgent: bool
 
 
@@ -198,6 +201,15 @@ class Bye(Message):
     their slots stay leased until its process exits."""
 
     held: list[int]
+
+
+@_message(8, "bytes")
+@dataclass(frozen=True, slots=True)
+class Alive(Message):
+    """Heartbeat from a consumer's own thread, naming the consumer's socket identity (sent by
+    consumers in another pid namespace, whose pid the server cannot watch)."""
+
+    consumer: bytes
 
 
 # --- server -> consumer --------------------------------------------------------------------
@@ -280,8 +292,8 @@ class UseRing(Message):
 @_message(41, "list")
 @dataclass(frozen=True, slots=True)
 class Tasks(Message):
-    """Produce these batches, in order. Each item is ``[bid, epoch, index, slot]``; slot -1
-    means "write into a one-off segment"."""
+    """Produce these batches, in order. Each item is ``[bid, dataset, epoch, index, slot]``;
+    slot -1 means "write into a one-off segment"."""
 
     items: list[Any]
 

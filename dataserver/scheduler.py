@@ -1,10 +1,12 @@
 """Which batch is made where, and who holds what. Pure bookkeeping: no sockets, no processes.
 
-The ring is a cache of batches keyed by ``(epoch, index)``. An :class:`Entry` moves
-PENDING (wanted, queued) -> RUNNING (a worker writes it into a slot) -> READY (announced; each
-consumer that wanted it holds one lease per announcement). When the last lease is released and
-nobody else waits for it, its slot goes back to the free list (or its one-off segment is
-unlinked). Wants are served first in, first out, so production follows each consumer's order;
+The ring is a cache of batches keyed by ``(dataset, epoch, index)``, shared by every consumer.
+An :class:`Entry` moves PENDING (wanted, queued) -> RUNNING (a worker writes it into a slot) ->
+READY (announced; each consumer that wanted it holds one lease per announcement). When the last
+lease is released and nobody waits for it, the entry stays cached in its slot, so a consumer
+reading the same epoch a little later gets it without it being made again; cached slots are
+reused oldest first when a free slot is needed (one-off segments are unlinked at once).
+Wants are served first in, first out, so production follows the consumers' order;
 an *urgent* want (the consumer is blocked on it) jumps the queue and, if every slot is held,
 is produced into a one-off segment, so a consumer holding many batches never deadlocks.
 
@@ -35,12 +37,38 @@ MIN_DEPTH = 2
 QUEUE_S = 0.002
 
 
+@dataclass
+class Dataset:
+    """One served Sequence: its name, length and order."""
+
+    name: str
+    length: int
+    shuffle: bool = False
+    seed: int = 0
+    epoch_running: int = 0  # thread workers: the epoch the shared Sequence is in
+    orders: OrderedDict[int, Sequence[int]] = field(default_factory=OrderedDict)
+
+    def order(self, epoch: int) -> Sequence[int]:
+        """Batch indices in the order of ``epoch``: identity, or a permutation derived from the
+        seed and the epoch only (so every consumer and every shard agrees)."""
+        if not self.shuffle:
+            return range(self.length)
+        perm = self.orders.get(epoch)
+        if perm is None:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.length).tolist()
+            self.orders[epoch] = perm
+            while len(self.orders) > 4:
+                self.orders.popitem(last=False)
+        return perm
+
+
 class Entry:
-    __slots__ = ("attempts", "bid", "epoch", "index", "keep", "layout", "leases", "nbytes",
+    __slots__ = ("attempts", "bid", "ds", "epoch", "index", "keep", "layout", "leases", "nbytes",
                  "segment", "slot", "started", "state", "suspect", "urgent", "waiters", "worker")
 
-    def __init__(self, bid: int, epoch: int, index: int) -> None:
+    def __init__(self, bid: int, ds: int, epoch: int, index: int) -> None:
         self.bid = bid
+        self.ds = ds
         self.epoch = epoch
         self.index = index
         self.state = PENDING
@@ -64,13 +92,16 @@ class ConsumerState:
     pid: int
     same_host: bool
     name: str
-    dataset: str
+    ds: int
     leases: Counter[int] = field(default_factory=Counter)
     waiting: int = 0
     epoch: int = 0
     position: int = 0
     gone: bool = False  # said Bye but still holds views (leases kept until its pid exits)
     joined: float = field(default_factory=time.monotonic)
+    seen: float = field(default_factory=time.monotonic)  # last message or heartbeat
+    delivered: int = 0
+    bytes: int = 0
 
 
 @dataclass
@@ -90,26 +121,22 @@ class WorkerState:
 class Scheduler:
     def __init__(
         self,
-        length: int,
+        datasets: list[Dataset],
         *,
-        shuffle: bool,
-        seed: int,
         max_retries: int,
         depth: int,
         barrier: bool,
-        on_epoch_advance: Callable[[int], None] | None = None,
+        on_epoch_advance: Callable[[int, int], None] | None = None,
     ) -> None:
-        self.length = length
-        self.shuffle = shuffle
-        self.seed = seed
+        self.datasets = datasets
         self.max_retries = max_retries
         self.depth = depth  # most tasks queued per worker, the running one included
         self.busy_s = 0.0  # moving average of the time one batch takes
         self.barrier = barrier  # thread workers share one Sequence: finish an epoch first
         self.on_epoch_advance = on_epoch_advance
-        self.epoch_running = 0
-        self.running_epochs: Counter[int] = Counter()
-        self.entries: dict[tuple[int, int], Entry] = {}
+        self.running_epochs: Counter[tuple[int, int]] = Counter()
+        self.entries: dict[tuple[int, int, int], Entry] = {}
+        self.cached: OrderedDict[int, Entry] = OrderedDict()  # bid -> READY, unleased, in ring
         self.by_bid: dict[int, Entry] = {}
         self.pending: deque[Entry] = deque()
         self.slots = 0
@@ -126,26 +153,13 @@ class Scheduler:
         self.largest_oversize = 0
         self.probe_error: str | None = None
         self._next_bid = 1
-        self._orders: OrderedDict[int, Sequence[int]] = OrderedDict()
 
     # --- order and ring ---------------------------------------------------------------------
 
-    def order(self, epoch: int) -> Sequence[int]:
-        """Batch indices in the order of ``epoch``: identity, or a permutation of seed and epoch."""
-        if not self.shuffle:
-            return range(self.length)
-        perm = self._orders.get(epoch)
-        if perm is None:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.length).tolist()
-            self._orders[epoch] = perm
-            while len(self._orders) > 4:
-                self._orders.popitem(last=False)
-        return perm
-
-    def probe(self) -> Entry:
+    def probe(self, ds: int) -> Entry:
         """Make the first batch of epoch 0 before anyone asks (to size the slots); it is kept
         for the first consumer that wants it. A failure lands in ``probe_error``."""
-        e = self._entry(0, int(self.order(0)[0]))
+        e = self._entry(ds, 0, int(self.datasets[ds].order(0)[0]))
         e.keep = True
         return e
 
@@ -159,11 +173,11 @@ class Scheduler:
     def add_consumer(self, c: ConsumerState) -> None:
         self.consumers[c.cid] = c
 
-    def _entry(self, epoch: int, index: int) -> Entry:
-        key = (epoch, index)
+    def _entry(self, ds: int, epoch: int, index: int) -> Entry:
+        key = (ds, epoch, index)
         e = self.entries.get(key)
         if e is None:
-            e = Entry(self._next_bid, epoch, index)
+            e = Entry(self._next_bid, ds, epoch, index)
             self._next_bid += 1
             self.entries[key] = e
             self.by_bid[e.bid] = e
@@ -176,20 +190,23 @@ class Scheduler:
         if e.state == READY:
             self._deliver(e)
 
-    def want(self, cid: bytes, epoch: int, start: int, stop: int, urgent: bool) -> str | None:
-        """Queue positions [start, stop) of epoch; returns a refusal reason or None."""
+    def want(self, cid: bytes, epoch: int, start: int, stop: int, step: int,
+             urgent: bool) -> str | None:
+        """Queue positions range(start, stop, step) of epoch; returns a refusal reason or None."""
         c = self.consumers.get(cid)
         if c is None or c.gone:
             return "Want before Hello; send Hello first"
-        if not start < stop <= self.length or stop - start > MAX_WANT_SPAN:
-            return (f"Want [{start}, {stop}) is not a range of positions within 0..{self.length} "
-                    f"of at most {MAX_WANT_SPAN}")
-        if c.waiting + (stop - start) > MAX_WAITING:
+        d = self.datasets[c.ds]
+        positions = range(start, stop, step) if step > 0 else range(0)
+        if not positions or stop > d.length or len(positions) > MAX_WANT_SPAN:
+            return (f"Want range({start}, {stop}, {step}) is not a range of positions within "
+                    f"0..{d.length} of at most {MAX_WANT_SPAN}")
+        if c.waiting + len(positions) > MAX_WAITING:
             return f"more than {MAX_WAITING} batches wanted and not yet announced"
-        order = self.order(epoch)
+        order = d.order(epoch)
         c.epoch, c.position = epoch, start
-        for pos in range(start, stop):
-            e = self._entry(epoch, int(order[pos]))
+        for pos in positions:
+            e = self._entry(c.ds, epoch, int(order[pos]))
             if urgent and pos == start and e.state == PENDING:
                 e.urgent = True
                 self.pending.appendleft(e)
@@ -200,11 +217,12 @@ class Scheduler:
         c = self.consumers.get(cid)
         if c is None or c.gone:
             return "Fetch before Hello; send Hello first"
-        if index >= self.length:
-            return f"Fetch of batch {index}: the Sequence has {self.length} batches"
+        length = self.datasets[c.ds].length
+        if index >= length:
+            return f"Fetch of batch {index}: the Sequence has {length} batches"
         if c.waiting >= MAX_WAITING:
             return f"more than {MAX_WAITING} batches wanted and not yet announced"
-        e = self._entry(epoch, index)
+        e = self._entry(c.ds, epoch, index)
         if e.state == PENDING:
             e.urgent = True  # a random access blocks its caller
             self.pending.appendleft(e)
@@ -276,7 +294,7 @@ class Scheduler:
             w.inflight.pop(bid, None)
             w.isolated = False
             self.task_started(wid)
-        self.running_epochs[e.epoch] -= 1
+        self.running_epochs[e.ds, e.epoch] -= 1
         return e
 
     def done(self, wid: int, bid: int, segment: str, nbytes: int, layout: bytes,
@@ -330,7 +348,7 @@ class Scheduler:
         attributable = len(w.inflight) == 1
         for bid in reversed(w.inflight):
             e = self.by_bid[bid]
-            self.running_epochs[e.epoch] -= 1
+            self.running_epochs[e.ds, e.epoch] -= 1
             if e.slot >= 0:
                 if quarantine:
                     self.quarantined.add(e.slot)
@@ -396,17 +414,24 @@ class Scheduler:
                 self.pending.popleft()
                 self._forget(e)
                 continue
-            if self.barrier and e.epoch > self.epoch_running:
-                if any(n > 0 for ep, n in self.running_epochs.items() if ep < e.epoch):
+            d = self.datasets[e.ds]
+            if self.barrier and e.epoch > d.epoch_running:
+                if any(n > 0 for (ds, ep), n in self.running_epochs.items()
+                       if ds == e.ds and ep < e.epoch):
                     return
                 if self.on_epoch_advance is not None:
-                    self.on_epoch_advance(e.epoch)
-                self.epoch_running = e.epoch
+                    self.on_epoch_advance(e.ds, e.epoch)
+                d.epoch_running = e.epoch
             w = self._pick_worker(depth, e.suspect)
             if w is None:
                 return
             if self.free_slots:
                 slot = self.free_slots.popleft()
+            elif self.cached:
+                _, old = self.cached.popitem(last=False)
+                self._forget(old)
+                slot = old.slot
+                self.stats["evicted"] += 1
             elif e.urgent or e.keep or self.slots == 0:
                 slot = -1
             else:
@@ -418,8 +443,8 @@ class Scheduler:
             e.started = now if not w.inflight else 0.0
             w.inflight[e.bid] = None
             w.isolated = e.suspect
-            self.running_epochs[e.epoch] += 1
-            self.out_tasks.setdefault(w.wid, []).append([e.bid, e.epoch, e.index, slot])
+            self.running_epochs[e.ds, e.epoch] += 1
+            self.out_tasks.setdefault(w.wid, []).append([e.bid, e.ds, e.epoch, e.index, slot])
 
     def task_started(self, wid: int) -> None:
         """Stamp the start time of the worker's oldest queued task (its previous one finished)."""
@@ -442,6 +467,8 @@ class Scheduler:
                 continue
             c.waiting -= 1
             c.leases[e.bid] += 1
+            c.delivered += 1
+            c.bytes += e.nbytes
             e.leases += 1
             self.out_ready.setdefault(cid, []).append(
                 [e.epoch, pos, e.index, e.bid, e.segment, offset, e.nbytes, e.layout]
@@ -449,6 +476,8 @@ class Scheduler:
         e.waiters.clear()
         if e.leases:
             e.keep = False
+            if self.cached.pop(e.bid, None) is not None:
+                self.stats["cache_hits"] += 1
 
     def _fail(self, e: Entry, kind: str, type_name: str, message: str, tb: str,
               w: WorkerState) -> None:
@@ -473,13 +502,16 @@ class Scheduler:
         if e.state == READY and e.leases <= 0 and not e.waiters and not e.keep:
             if e.segment:
                 self.to_unlink.append(e.segment)
+                self._forget(e)
+            elif e.slot in self.quarantined:
+                self._forget(e)
             else:
-                self._free_slot(e.slot)
-            self._forget(e)
+                self.cached[e.bid] = e  # kept for whoever reads it next, until its slot is needed
 
     def _forget(self, e: Entry) -> None:
-        self.entries.pop((e.epoch, e.index), None)
+        self.entries.pop((e.ds, e.epoch, e.index), None)
         self.by_bid.pop(e.bid, None)
+        self.cached.pop(e.bid, None)
 
     def held_slots(self) -> int:
         return self.slots - len(self.free_slots) - len(self.quarantined)

@@ -34,6 +34,7 @@ from dataserver.pool import Pool
 from dataserver.protocol import (
     MAX_CONSUMER_MESSAGE_BYTES,
     VERSION,
+    Alive,
     Bye,
     Done,
     EpochEnd,
@@ -56,7 +57,7 @@ from dataserver.protocol import (
     decode,
     encode,
 )
-from dataserver.scheduler import READY, ConsumerState, Scheduler, WorkerState
+from dataserver.scheduler import READY, ConsumerState, Dataset, Scheduler, WorkerState
 from dataserver.source import SequenceSource, checked_len
 from dataserver.worker import WorkerSpec
 
@@ -76,9 +77,10 @@ class Server:
     """One dataserver. ``run()`` blocks until a signal or ``close()``; the CLI and
     ``DataServer`` both drive it."""
 
-    def __init__(self, config: ServerConfig, source: SequenceSource) -> None:
+    def __init__(self, config: ServerConfig,
+                 sources: SequenceSource | dict[str, SequenceSource]) -> None:
         self.config = config
-        self.source = source
+        self.sources = sources if isinstance(sources, dict) else {DATASET: sources}
         self.server_id = f"{os.getpid():x}-{secrets.token_hex(4)}"
         self.shm_dir = shm.shm_dir()
         self.state = "new"
@@ -95,8 +97,7 @@ class Server:
         self.workers_sock: zmq.Socket[bytes] | None = None
         self.pool: Pool | None = None
         self.sched: Scheduler | None = None
-        self.seq: Any = None
-        self.length = 0
+        self.seqs: list[Any] = []
         self.start_failures = 0
         self.fatal: str | None = None
         self.last_start_error: str | None = None
@@ -119,12 +120,14 @@ class Server:
         shm.private_dir(self.shm_dir) if not self.shm_dir.exists() else None
         self.lock = shm.ServerLock(self.shm_dir, self.server_id)
         self.rundir = shm.private_dir(shm.private_dir(shm.runtime_root()) / self.server_id)
-        self.seq = self.source.load()
-        self.length = checked_len(self.seq, self.source.name)
+        datasets = []
+        for name, source in self.sources.items():
+            seq = source.load()
+            self.seqs.append(seq)
+            datasets.append(Dataset(name, checked_len(seq, source.name), cfg.shuffle, cfg.seed))
         thread = cfg.worker_type == "thread"
         self.sched = Scheduler(
-            self.length, shuffle=cfg.shuffle, seed=cfg.seed, max_retries=cfg.max_retries,
-            depth=WORKER_QUEUE_DEPTH, barrier=thread,
+            datasets, max_retries=cfg.max_retries, depth=WORKER_QUEUE_DEPTH, barrier=thread,
             on_epoch_advance=self._advance_shared_epoch if thread else None,
         )
         self.ctx = zmq.Context()
@@ -144,7 +147,8 @@ class Server:
         template = WorkerSpec(
             worker=0, incarnation=0, count=cfg.workers, kind=cfg.worker_type,
             address=worker_address,
-            source=SequenceSource(obj=self.seq) if thread else self.source,
+            sources=[SequenceSource(obj=seq) for seq in self.seqs] if thread
+            else list(self.sources.values()),
             server_id=self.server_id, shm_dir=str(self.shm_dir), parent_pid=os.getpid(),
             on_epoch_end=not thread, log_level=logging.getLevelName(log.getEffectiveLevel()),
         )
@@ -220,19 +224,28 @@ class Server:
                 self._send_worker(w.wid, UseRing(self.ring_name, slot_bytes, slots))
 
     def _probe(self, deadline: float) -> None:
-        """slot_bytes=auto: make the first batch of epoch 0 in a one-off segment, size slots
-        from it, and keep it for the first consumer."""
+        """slot_bytes=auto: make the first batch of epoch 0 of every dataset in one-off
+        segments, size slots from the largest, and keep them for the first consumers."""
         sched = self.sched
         assert sched is not None
-        e = sched.probe()
-        self._run_until(lambda: e.state == READY or sched.probe_error is not None, deadline,
-                        f"make batch {e.index} to size the slots")
+        probes = [sched.probe(ds) for ds in range(len(sched.datasets))]
+        self._run_until(lambda: all(e.state == READY for e in probes)
+                        or sched.probe_error is not None, deadline,
+                        "make the first batches to size the slots")
         if sched.probe_error is not None:
             raise ConfigError(
-                f"{self.source.name}: batch {e.index} (made to size the ring slots) failed: "
+                f"{self.name}: batch 0 (made to size the ring slots) failed: "
                 f"{sched.probe_error}\nFix the Sequence, or pass --slot-bytes to skip sizing"
             )
-        self._make_ring(max(int(e.nbytes * SLOT_HEADROOM), e.nbytes + 4096))
+        largest = max(e.nbytes for e in probes)
+        self._make_ring(max(int(largest * SLOT_HEADROOM), largest + 4096))
+
+    @property
+    def name(self) -> str:
+        """The SPECs served, for messages: ``mypkg:Train`` or ``train=mypkg:Train, val=...``."""
+        if list(self.sources) == [DATASET]:
+            return self.sources[DATASET].name
+        return ", ".join(f"{k}={v.name}" for k, v in self.sources.items())
 
     def _run_until(self, done: Callable[[], bool], deadline: float, what: str) -> None:
         while not done():
@@ -255,11 +268,11 @@ class Server:
             self._sentinels[h.sentinel] = h.spec.incarnation
             self.poller.register(h.sentinel, zmq.POLLIN)
 
-    def _advance_shared_epoch(self, epoch: int) -> None:
+    def _advance_shared_epoch(self, ds: int, epoch: int) -> None:
         """Thread workers share one Sequence: call its on_epoch_end once per epoch, between."""
         assert self.sched is not None
-        for _ in range(epoch - self.sched.epoch_running):
-            hook = getattr(self.seq, "on_epoch_end", None)
+        for _ in range(epoch - self.sched.datasets[ds].epoch_running):
+            hook = getattr(self.seqs[ds], "on_epoch_end", None)
             if hook is None:
                 return
             try:
@@ -430,8 +443,16 @@ class Server:
     def _on_client(self, cid: bytes, msg: Message) -> str | None:
         sched = self.sched
         assert sched is not None and self.clients is not None
+        c = sched.consumers.get(cid)
+        if c is not None:
+            c.seen = time.monotonic()
+        if isinstance(msg, Alive):
+            owner = sched.consumers.get(msg.consumer)
+            if owner is not None:
+                owner.seen = time.monotonic()
+            return None
         if isinstance(msg, Want):
-            return sched.want(cid, msg.epoch, msg.start, msg.stop, msg.urgent)
+            return sched.want(cid, msg.epoch, msg.start, msg.stop, msg.step, msg.urgent)
         if isinstance(msg, Release):
             return sched.release(cid, msg.bids)
         if isinstance(msg, Fetch):
@@ -444,7 +465,7 @@ class Server:
             return None
         if isinstance(msg, Bye):
             sched.remove_consumer(cid, msg.held)
-            log.info("consumer %s left", cid.hex())
+            log.info("consumer %s left", c.name if c else cid.hex())
             return None
         if isinstance(msg, Hello):
             return self._hello(cid, msg)
@@ -456,16 +477,22 @@ class Server:
         if msg.version != VERSION:
             return (f"protocol version {msg.version} is not this server's {VERSION}; install the "
                     "same dataserver version on both sides")
-        if msg.dataset not in ("", DATASET):
-            return f"no dataset {msg.dataset!r} here; this server serves {DATASET!r}"
+        names = [d.name for d in sched.datasets]
+        if msg.dataset in names:
+            ds = names.index(msg.dataset)
+        elif msg.dataset in ("", DATASET) and len(names) == 1:
+            ds = 0
+        else:
+            return (f"no dataset {msg.dataset!r} here; this server serves "
+                    f"{', '.join(map(repr, names))}: pass dataset=NAME")
+        d = sched.datasets[ds]
         if cid in sched.consumers:
             sched.remove_consumer(cid)
         same_host = bool(msg.pidns) and msg.pidns == pid_namespace()
-        sched.add_consumer(ConsumerState(cid, msg.pid, same_host, msg.name[:200], DATASET))
-        log.info("consumer %s joined (pid %d, %s)", cid.hex(), msg.pid, msg.name[:200])
-        cfg = self.config
+        sched.add_consumer(ConsumerState(cid, msg.pid, same_host, msg.name[:200], ds))
+        log.info("consumer %s joined %s", msg.name[:200], d.name)
         self.clients.send_multipart([cid, encode(Welcome(
-            VERSION, self.server_id, DATASET, self.length, cfg.shuffle, cfg.seed,
+            VERSION, self.server_id, d.name, d.length, d.shuffle, d.seed,
             str(self.shm_dir), self.ring_name, sched.slot_bytes, sched.slots, self.prefetch,
             os.getpid(), pid_namespace(), HEARTBEAT_S,
         ))])
@@ -478,10 +505,14 @@ class Server:
         assert sched is not None and self.pool is not None
         for c in list(sched.consumers.values()):
             if c.same_host and not pid_alive(c.pid):
-                held = sum(c.leases.values())
-                sched.remove_consumer(c.cid)
-                log.warning("consumer %s (pid %d) exited; reclaimed %d leases", c.cid.hex(),
-                            c.pid, held)
+                why = f"(pid {c.pid}) exited"
+            elif not c.same_host and now - c.seen > self.config.consumer_timeout:
+                why = f"sent no heartbeat for {self.config.consumer_timeout:g} s"
+            else:
+                continue
+            held = sum(c.leases.values())
+            sched.remove_consumer(c.cid)
+            log.warning("consumer %s %s; reclaimed %d leases", c.name, why, held)
         timeout = self.config.batch_timeout
         if timeout is not None and self.state == "running":
             for wid, e in sched.overdue(now, timeout):
@@ -522,8 +553,10 @@ class Server:
             self.start()
             if on_ready is not None:
                 on_ready(self.config.endpoint)
-            log.info("ready at %s: %s, %d batches, %d %s workers", self.config.endpoint,
-                     self.source.name, self.length, self.config.workers, self.config.worker_type)
+            log.info("ready at %s: %s (%s), %d %s workers", self.config.endpoint,
+                     self.name, ", ".join(f"{d.name}: {d.length} batches"
+                                          for d in self.sched.datasets),  # type: ignore[union-attr]
+                     self.config.workers, self.config.worker_type)
             self.serve_forever()
             return self.exit_code
         finally:

@@ -76,6 +76,34 @@ def parse_args(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def parse_specs(specs: list[str], args: list[str]) -> dict[str, SequenceSource]:
+    """``["train=m:Train", "val=m:Val"]`` (or one bare ``m:Seq``, named "default") with
+    ``--arg`` pairs, ``key=value`` for every dataset or ``NAME.key=value`` for one."""
+    named: dict[str, str] = {}
+    for item in specs:
+        name, sep, spec = item.partition("=")
+        if not sep:
+            name, spec = "default", item
+        if sep and not name.isidentifier():
+            raise ConfigError(f"SPEC {item!r}: a dataset name must be an identifier, e.g. train")
+        if name in named:
+            raise ConfigError(f"dataset {name!r} is named twice; name each SPEC: NAME=module:obj")
+        named[name] = spec
+    common: list[str] = []
+    own: dict[str, list[str]] = {name: [] for name in named}
+    for pair in args:
+        key = pair.partition("=")[0]
+        prefix, dot, _ = key.partition(".")
+        if dot:
+            if prefix not in own:
+                raise ConfigError(f"--arg {pair!r}: no dataset {prefix!r} (have {list(named)})")
+            own[prefix].append(pair[len(prefix) + 1:])
+        else:
+            common.append(pair)
+    return {name: SequenceSource(spec=spec, kwargs=parse_args(common + own[name]))
+            for name, spec in named.items()}
+
+
 def _is_sequence(obj: Any) -> bool:
     return (not isinstance(obj, type) and hasattr(obj, "__len__")
             and hasattr(obj, "__getitem__"))

@@ -57,7 +57,7 @@ class WorkerSpec:
     count: int
     kind: str  # "process" or "thread"
     address: str  # the server's private worker endpoint
-    source: SequenceSource
+    sources: list[SequenceSource]  # one per dataset, in the server's order
     server_id: str
     shm_dir: str
     parent_pid: int
@@ -81,11 +81,11 @@ def _error_fields(exc: BaseException) -> tuple[str, str, str]:
 
 
 class _Worker:
-    def __init__(self, spec: WorkerSpec, sock: zmq.Socket[bytes], seq: Any) -> None:
+    def __init__(self, spec: WorkerSpec, sock: zmq.Socket[bytes], seqs: list[Any]) -> None:
         self.spec = spec
         self.sock = sock
-        self.seq = seq
-        self.epoch = 0
+        self.seqs = seqs
+        self.epochs = [0] * len(seqs)  # on_epoch_end calls so far, per dataset
         self.ring: shm.Segment | None = None
         self.ring_array: np.ndarray[Any, Any] | None = None
         self.slot_bytes = 0
@@ -96,19 +96,20 @@ class _Worker:
         self.ring_array = np.frombuffer(self.ring.mm, np.uint8)
         self.slot_bytes = msg.slot_bytes
 
-    def run_task(self, bid: int, epoch: int, index: int, slot: int) -> bytes:
+    def run_task(self, bid: int, ds: int, epoch: int, index: int, slot: int) -> bytes:
         """Produce one batch; return the answer to send (Done or Raised)."""
         spec = self.spec
         t0 = time.perf_counter()
+        seq = self.seqs[ds]
         try:
             if spec.on_epoch_end:
-                while self.epoch < epoch and hasattr(self.seq, "on_epoch_end"):
-                    self.epoch += 1
-                    set_worker_info(WorkerInfo(spec.worker, spec.count, self.epoch, spec.kind),
-                                    spec.kind == "thread")
-                    self.seq.on_epoch_end()
-            self.epoch = max(self.epoch, epoch)
-            batch = self.seq[index]
+                while self.epochs[ds] < epoch and hasattr(seq, "on_epoch_end"):
+                    self.epochs[ds] += 1
+                    set_worker_info(WorkerInfo(spec.worker, spec.count, self.epochs[ds],
+                                               spec.kind), spec.kind == "thread")
+                    seq.on_epoch_end()
+            self.epochs[ds] = max(self.epochs[ds], epoch)
+            batch = seq[index]
             if batch is None:
                 raise layout.BatchFormatError(
                     f"batch {index}: __getitem__ returned None; return the batch, e.g. (x, y)"
@@ -188,13 +189,13 @@ def worker_main(spec: WorkerSpec) -> None:
     worker: _Worker | None = None
     try:
         try:
-            seq = spec.source.load()
+            seqs = [source.load() for source in spec.sources]
         except BaseException as exc:
             sock.send(encode(StartFailed(spec.incarnation, *_error_fields(exc))))
             return
         set_worker_info(WorkerInfo(spec.worker, spec.count, 0, spec.kind), not process)
         sock.send(encode(WorkerReady(spec.incarnation, os.getpid())))
-        worker = _Worker(spec, sock, seq)
+        worker = _Worker(spec, sock, seqs)
         worker.serve()
     finally:
         if worker is not None and worker.ring is not None:

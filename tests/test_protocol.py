@@ -31,15 +31,15 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def test_codec_round_trip_and_rejections() -> None:
-    msg = Want(3, 10, 20, True)
+    msg = Want(3, 10, 20, 2, True)
     assert decode(encode(msg)) == msg
     for bad, why in [
         (b"\xc1", "not valid msgpack"),
         (msgpack.packb({"k": 1}), "not a \\[kind"),
         (msgpack.packb([999]), "unknown message kind 999"),
-        (msgpack.packb([Want.KIND, 1, 2]), "takes 4 fields, got 2"),
-        (msgpack.packb([Want.KIND, 1, -2, 3, False]), "field 'start'"),
-        (msgpack.packb([Want.KIND, 1, 2, 3, 1]), "field 'urgent'"),
+        (msgpack.packb([Want.KIND, 1, 2]), "takes 5 fields, got 2"),
+        (msgpack.packb([Want.KIND, 1, -2, 3, 1, False]), "field 'start'"),
+        (msgpack.packb([Want.KIND, 1, 2, 3, 1, 1]), "field 'urgent'"),
         (msgpack.packb([Release.KIND, [1, "x"]]), "field 'bids'"),
     ]:
         with pytest.raises(ProtocolError, match=why):
@@ -89,7 +89,7 @@ def test_a_consumer_cannot_release_what_it_does_not_hold(serve: Any) -> None:
         sock.send(encode(Release([1, 2, 3])))
         reply = decode(sock.recv())
         assert isinstance(reply, Refused) and "does not hold" in reply.reason
-        sock.send(encode(Want(0, 0, 99, False)))
+        sock.send(encode(Want(0, 0, 99, 1, False)))
         reply = decode(sock.recv())
         assert isinstance(reply, Refused) and "not a range of positions" in reply.reason
     finally:
