@@ -166,6 +166,7 @@ class RemoteSequence:
         self._epoch = 0
         self._cursor = 0  # global position (epoch * len + pos) of the next batch to yield
         self._requested = 0  # global positions below this were asked for
+        self._resumed = False
         if resume is not None:
             self._resume(resume)
 
@@ -404,11 +405,14 @@ class RemoteSequence:
         return self._materialize(item)
 
     def __iter__(self) -> Iterator[Any]:
-        """One epoch, in order: positions 0..len-1 (the server's permutation when shuffling)."""
+        """One epoch, in order: positions 0..len-1 (the server's permutation when shuffling).
+        Iterating again restarts the epoch, except right after ``resume=``, where the first
+        iteration continues from the saved position."""
         self._check_open()
         start = self._epoch * self._len
-        if self._cursor != start:
+        if self._cursor != start and not self._resumed:
             self._skip_to(start)
+        self._resumed = False
         return _EpochIterator(self, self._epoch)
 
     def on_epoch_end(self) -> None:
@@ -449,10 +453,27 @@ class RemoteSequence:
         self._epoch = epoch + position // self._len
         self._epochs_ended = self._epoch
         self._cursor = self._requested = epoch * self._len + position
+        self._resumed = True  # the first iteration continues from here
 
     def held(self) -> int:
         """How many batches this process still references (each keeps one slot leased)."""
         return sum(1 for fin in self._live.values() if fin.alive)
+
+    def as_keras(self, **kw: Any) -> Any:
+        """This sequence as a ``keras.utils.PyDataset`` (Keras 3; a ``keras.utils.Sequence``
+        for Keras 2) for ``fit``/``evaluate``/``predict``, with no Keras worker pool on top.
+        ``kw``: ``keras_module``. See ``dataserver.client._adapters``."""
+        from dataserver.client import _adapters
+
+        return _adapters.as_keras(self, **kw)
+
+    def as_torch(self, **kw: Any) -> Any:
+        """This sequence as a ``torch.utils.data.IterableDataset`` of batches whose arrays are
+        tensors sharing the shared memory (no copy); each pass is one epoch. ``kw``:
+        ``pin_memory``. See ``dataserver.client._adapters``."""
+        from dataserver.client import _adapters
+
+        return _adapters.as_torch(self, **kw)
 
     # --- lifecycle --------------------------------------------------------------------------
 

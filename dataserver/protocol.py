@@ -44,6 +44,8 @@ __all__ = [
     "Refused",
     "Release",
     "StartFailed",
+    "Status",
+    "StatusReply",
     "Stop",
     "Tasks",
     "UseRing",
@@ -212,6 +214,12 @@ class Alive(Message):
     consumer: bytes
 
 
+@_message(9)
+@dataclass(frozen=True, slots=True)
+class Status(Message):
+    """Ask for the server's status snapshot (no Hello needed: ``dataserver status`` sends it)."""
+
+
 # --- server -> consumer --------------------------------------------------------------------
 
 
@@ -274,6 +282,14 @@ class Refused(Message):
     """The consumer's last message was refused; ``reason`` says why and what to do."""
 
     reason: str
+
+
+@_message(25, "bytes")
+@dataclass(frozen=True, slots=True)
+class StatusReply(Message):
+    """The status snapshot, a msgpack map (its schema is documented in docs/status.md)."""
+
+    snapshot: bytes
 
 
 # --- server <-> worker ---------------------------------------------------------------------

@@ -64,7 +64,8 @@ class Dataset:
 
 class Entry:
     __slots__ = ("attempts", "bid", "ds", "epoch", "index", "keep", "layout", "leases", "nbytes",
-                 "segment", "slot", "started", "state", "suspect", "urgent", "waiters", "worker")
+                 "probe", "segment", "slot", "started", "state", "suspect", "urgent", "waiters",
+                 "worker")
 
     def __init__(self, bid: int, ds: int, epoch: int, index: int) -> None:
         self.bid = bid
@@ -82,7 +83,8 @@ class Entry:
         self.leases = 0
         self.waiters: list[tuple[bytes, int]] = []
         self.urgent = False
-        self.keep = False  # produced before anyone asked (the slot-sizing probe)
+        self.keep = False  # produced before anyone asked: kept until first delivered
+        self.probe = False  # the slot-sizing batch: cached in its own segment like a slot
         self.suspect = False  # was queued on a worker that died: run it alone next time
 
 
@@ -160,7 +162,7 @@ class Scheduler:
         """Make the first batch of epoch 0 before anyone asks (to size the slots); it is kept
         for the first consumer that wants it. A failure lands in ``probe_error``."""
         e = self._entry(ds, 0, int(self.datasets[ds].order(0)[0]))
-        e.keep = True
+        e.keep = e.probe = True
         return e
 
     def set_ring(self, slots: int, slot_bytes: int) -> None:
@@ -427,11 +429,8 @@ class Scheduler:
                 return
             if self.free_slots:
                 slot = self.free_slots.popleft()
-            elif self.cached:
-                _, old = self.cached.popitem(last=False)
-                self._forget(old)
-                slot = old.slot
-                self.stats["evicted"] += 1
+            elif (slot := self._evict()) >= 0:
+                pass
             elif e.urgent or e.keep or self.slots == 0:
                 slot = -1
             else:
@@ -498,9 +497,21 @@ class Scheduler:
         if slot >= 0 and slot not in self.quarantined:
             self.free_slots.append(slot)
 
+    def _evict(self) -> int:
+        """Free the slot of the oldest cached batch; -1 if no cached batch holds a slot."""
+        while self.cached:
+            _, old = self.cached.popitem(last=False)
+            self._forget(old)
+            self.stats["evicted"] += 1
+            if old.segment:  # the slot-sizing batch, cached in its own segment
+                self.to_unlink.append(old.segment)
+                continue
+            return old.slot
+        return -1
+
     def _maybe_free(self, e: Entry) -> None:
         if e.state == READY and e.leases <= 0 and not e.waiters and not e.keep:
-            if e.segment:
+            if e.segment and not e.probe:
                 self.to_unlink.append(e.segment)
                 self._forget(e)
             elif e.slot in self.quarantined:

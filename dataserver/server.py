@@ -24,12 +24,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import zmq
 
 from dataserver import shm
 from dataserver._proc import pid_alive, pid_namespace
 from dataserver.config import ServerConfig
 from dataserver.errors import ConfigError, DataServerError, ProtocolError, SharedMemoryError
+from dataserver.monitor import Monitor
 from dataserver.pool import Pool
 from dataserver.protocol import (
     MAX_CONSUMER_MESSAGE_BYTES,
@@ -48,6 +50,8 @@ from dataserver.protocol import (
     Refused,
     Release,
     StartFailed,
+    Status,
+    StatusReply,
     Stop,
     Tasks,
     UseRing,
@@ -103,6 +107,7 @@ class Server:
         self.last_start_error: str | None = None
         self._sentinels: dict[int, int] = {}  # fd -> incarnation
         self.poller = zmq.Poller()
+        self.monitor = Monitor()
         self._wake_r = self._wake_w = -1
         self._last_housekeeping = 0.0
         self._last_oversize_warn = 0.0
@@ -459,6 +464,10 @@ class Server:
             return sched.fetch(cid, msg.epoch, msg.index)
         if isinstance(msg, Ping):
             self.clients.send_multipart([cid, encode(Pong())])
+            return None
+        if isinstance(msg, Status):
+            snapshot = msgpack.packb(self.monitor.snapshot(self), use_bin_type=True)
+            self.clients.send_multipart([cid, encode(StatusReply(snapshot))])
             return None
         if isinstance(msg, EpochEnd):
             sched.epoch_end(cid, msg.epoch)

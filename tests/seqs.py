@@ -184,3 +184,48 @@ def make_indexed(n: int = 8) -> Indexed:
 
 
 instance = Indexed(10)
+
+
+class Counting(Indexed):
+    """Appends "epoch index" to ``log`` for each batch it makes (O_APPEND): counts production."""
+
+    def __init__(self, n: int, log: str, delay: float = 0.0) -> None:
+        super().__init__(n, delay=delay)
+        self.log = log
+
+    def __getitem__(self, i: int) -> Any:
+        from dataserver import worker_info
+
+        info = worker_info()
+        fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, f"{info.epoch if info else -1} {i}\n".encode())
+        finally:
+            os.close(fd)
+        return super().__getitem__(i)
+
+
+class Linear:
+    """Batch i: x (batch, features) float32 from a generator seeded by (seed, i), y = x @ w + 0.5
+    for a fixed w: a regression a small Keras model learns in a few epochs."""
+
+    def __init__(self, n: int = 16, batch: int = 32, features: int = 4, seed: int = 0) -> None:
+        self.n, self.batch, self.features, self.seed = n, batch, features, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        x = np.random.default_rng([self.seed, i]).standard_normal(
+            (self.batch, self.features), dtype=np.float32)
+        w = np.arange(1, self.features + 1, dtype=np.float32) / self.features
+        return x, x @ w[:, None] + np.float32(0.5)
+
+
+class EpochFilled(Indexed):
+    """x is filled with i + 1000 * (epochs this worker's Sequence has seen), y = [i]: the value
+    a model predicts from x shows both the order and where on_epoch_end ran."""
+
+    def __getitem__(self, i: int) -> Any:
+        x, y = super().__getitem__(i)
+        return x + np.float32(1000 * self.epochs), y

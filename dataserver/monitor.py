@@ -1,0 +1,120 @@
+"""What the server and each worker cost, and who holds what: the ``status`` snapshot.
+
+Memory comes from psutil's full memory info (RSS, USS, PSS, swap). Where a figure cannot be
+read (permissions, a platform without it) it is ``None``, never invented. Thread workers share
+the server's memory, and the snapshot says so instead of splitting it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+if TYPE_CHECKING:
+    from dataserver.server import Server
+
+__all__ = ["SCHEMA_VERSION", "Monitor"]
+
+#: Bumped when a field of the snapshot changes meaning or disappears (adding one does not).
+SCHEMA_VERSION = 1
+_MEMORY = ("rss", "uss", "pss", "swap")
+
+
+class Monitor:
+    def __init__(self) -> None:
+        self._procs: dict[int, psutil.Process] = {}
+
+    def process(self, pid: int) -> dict[str, Any]:
+        """Memory and CPU of ``pid``; None for what cannot be read."""
+        out: dict[str, Any] = dict.fromkeys((*_MEMORY, "cpu_percent"))
+        p = self._procs.get(pid)
+        try:
+            if p is None:
+                p = self._procs[pid] = psutil.Process(pid)
+                p.cpu_percent(None)  # the first call only starts the clock
+            out["cpu_percent"] = p.cpu_percent(None)
+            try:
+                mem = p.memory_full_info()
+            except psutil.AccessDenied:
+                mem = p.memory_info()
+            for key in _MEMORY:
+                out[key] = getattr(mem, key, None)
+        except psutil.Error:
+            self._procs.pop(pid, None)
+        return out
+
+    def forget_dead(self, alive: set[int]) -> None:
+        for pid in list(self._procs):
+            if pid not in alive:
+                del self._procs[pid]
+
+    def snapshot(self, server: Server) -> dict[str, Any]:
+        sched = server.sched
+        assert sched is not None
+        now = time.monotonic()
+        cfg = server.config
+        workers = []
+        for w in sched.workers.values():
+            running = next(iter(w.inflight), None)
+            e = sched.by_bid.get(running) if running is not None else None
+            item: dict[str, Any] = {
+                "index": w.index, "incarnation": w.wid, "pid": w.pid, "kind": cfg.worker_type,
+                "state": "starting" if not w.ready else ("busy" if w.inflight else "idle"),
+                "batch": e.index if e is not None else None,
+                "dataset": sched.datasets[e.ds].name if e is not None else None,
+                "batch_seconds": round(now - e.started, 3) if e is not None and e.started
+                else None,
+                "queued": len(w.inflight), "done": w.done, "errors": w.errors,
+                "age_s": round(now - w.started, 1),
+            }
+            if cfg.worker_type == "process":
+                item.update(self.process(w.pid))
+            else:
+                item.update(dict.fromkeys((*_MEMORY, "cpu_percent")))
+                item["memory_note"] = "thread worker: shares the server process's memory"
+            workers.append(item)
+        self.forget_dead({w["pid"] for w in workers} | {os.getpid()})
+        one_off = [e for e in sched.by_bid.values() if e.segment]
+        ring = {
+            "slots": sched.slots, "slot_bytes": sched.slot_bytes,
+            "free": len(sched.free_slots), "cached": len(sched.cached),
+            "quarantined": len(sched.quarantined),
+            "held": sched.held_slots() - len(sched.cached),
+            "bytes": sched.slots * sched.slot_bytes,
+            "one_off_segments": len(one_off), "one_off_bytes": sum(e.nbytes for e in one_off),
+            "shm_dir": str(server.shm_dir), "name": server.ring_name,
+        }
+        consumers = []
+        for c in sched.consumers.values():
+            age = max(now - c.joined, 1e-9)
+            d = sched.datasets[c.ds]
+            consumers.append({
+                "id": c.cid.hex(), "name": c.name, "pid": c.pid, "same_host": c.same_host,
+                "dataset": d.name, "epoch": c.epoch, "position": c.position,
+                "leases": sum(c.leases.values()), "waiting": c.waiting,
+                "delivered": c.delivered, "batches_per_s": round(c.delivered / age, 2),
+                "bytes_per_s": round(c.bytes / age), "gone": c.gone,
+                "age_s": round(age, 1), "silent_s": round(now - c.seen, 1),
+            })
+        me = self.process(os.getpid())
+        with contextlib.suppress(Exception):
+            me["threads"] = psutil.Process().num_threads()
+        return {
+            "schema": SCHEMA_VERSION,
+            "server": {
+                "id": server.server_id, "pid": os.getpid(), "endpoint": cfg.endpoint,
+                "state": server.state, "uptime_s": round(now - server.started_at, 1),
+                "worker_type": cfg.worker_type, "workers": cfg.workers,
+                "prefetch": server.prefetch, **me,
+            },
+            "datasets": [{"name": d.name, "length": d.length, "shuffle": d.shuffle,
+                          "seed": d.seed} for d in sched.datasets],
+            "workers": workers,
+            "ring": ring,
+            "consumers": consumers,
+            "counters": dict(sched.stats),
+        }

@@ -1,0 +1,38 @@
+"""A consumer process for tests: reads epochs and prints what it saw as JSON.
+
+    python consumer.py ENDPOINT EPOCHS [hold]
+
+Prints one JSON line per epoch: [[index, sha1 of x], ...]. With ``hold``, it reads half of the
+first epoch, keeps every batch, prints "holding", and sleeps until killed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+
+from dataserver.client import RemoteSequence
+
+
+def main() -> None:
+    endpoint, epochs = sys.argv[1], int(sys.argv[2])
+    hold = sys.argv[3:] == ["hold"]
+    with RemoteSequence(endpoint, timeout=20) as seq:
+        kept = []
+        for _ in range(epochs):
+            seen = []
+            for x, y in seq:
+                seen.append([int(y[0]), hashlib.sha1(x.tobytes()).hexdigest()])
+                if hold:
+                    kept.append((x, y))
+                    if len(kept) == len(seq) // 2:
+                        print("holding", flush=True)
+                        time.sleep(3600)
+            print(json.dumps(seen), flush=True)
+            seq.on_epoch_end()
+
+
+if __name__ == "__main__":
+    main()
