@@ -107,6 +107,10 @@ class ServerConfig:
     * ``start_method="spawn"``: ZeroMQ contexts and threads do not survive fork.
     * ``max_retries=2``: a batch whose worker died is retried twice, then reported.
     * ``batch_timeout=None``: a batch may take as long as it takes unless you set a deadline.
+    * ``max_worker_memory=None``, ``max_worker_tasks=None``: no caps unless you set them; a
+      worker over a cap finishes its batches, exits and is replaced (``memory_kind`` says
+      which figure counts: USS, the memory only that worker holds, by default).
+    * ``hang_threshold=60``: a batch in flight longer is flagged as stuck in ``status``.
     * ``consumer_timeout=10``: a consumer in another pid namespace (whose pid the server cannot
       watch) that sends no heartbeat (one a second) for this long is gone; its leases return.
     """
@@ -126,6 +130,12 @@ class ServerConfig:
     startup_timeout: float = 120.0
     insecure: bool = False
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    metrics: str | None = None
+    max_worker_memory: int | None = None
+    memory_kind: Literal["uss", "pss", "rss"] = "uss"
+    max_worker_tasks: int | None = None
+    hang_threshold: float = 60.0
 
     def __post_init__(self) -> None:
         def set_(name: str, value: object) -> None:
@@ -155,6 +165,25 @@ class ServerConfig:
             raise ConfigError(f"--max-retries must be 0 or more, got {self.max_retries}")
         if self.batch_timeout is not None and self.batch_timeout <= 0:
             raise ConfigError(f"--batch-timeout must be positive seconds, got {self.batch_timeout}")
+        if self.max_worker_memory is not None:
+            set_("max_worker_memory", parse_size(self.max_worker_memory, "--max-worker-memory"))
+        if self.max_worker_memory is not None and self.worker_type == "thread":
+            raise ConfigError("--max-worker-memory applies to process workers; thread workers "
+                              "share the server's memory (see its figures in status)")
+        if self.memory_kind not in ("uss", "pss", "rss"):
+            raise ConfigError(f"--memory-kind must be uss, pss or rss, got {self.memory_kind!r}")
+        if self.max_worker_tasks is not None:
+            _positive("max_worker_tasks", self.max_worker_tasks)
+        if self.hang_threshold <= 0:
+            raise ConfigError(f"--hang-threshold must be positive seconds, got "
+                              f"{self.hang_threshold}")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"--log-format must be text or json, got {self.log_format!r}")
+        if self.metrics is not None:
+            _host, sep, port = self.metrics.rpartition(":")
+            if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"--metrics {self.metrics!r}: write ADDR:PORT, e.g. "
+                                  "127.0.0.1:9464")
         if self.consumer_timeout <= 0:
             raise ConfigError(
                 f"--consumer-timeout must be positive seconds, got {self.consumer_timeout}")

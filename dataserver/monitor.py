@@ -70,6 +70,10 @@ class Monitor:
                 else None,
                 "queued": len(w.inflight), "done": w.done, "errors": w.errors,
                 "age_s": round(now - w.started, 1),
+                "stuck": bool(e is not None and e.started
+                              and now - e.started > cfg.hang_threshold),
+                "retiring": w.retiring or None,
+                "growing": w.wid in server.growing,
             }
             if cfg.worker_type == "process":
                 item.update(self.process(w.pid))

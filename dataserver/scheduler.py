@@ -115,6 +115,7 @@ class WorkerState:
     epoch: int = 0
     inflight: dict[int, None] = field(default_factory=dict)  # bids in the order sent; first runs
     isolated: bool = False  # runs a suspect batch alone
+    retiring: str = ""  # why it takes no more work and stops once idle (caps); "" if not
     done: int = 0
     errors: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -339,9 +340,10 @@ class Scheduler:
     def worker_gone(self, wid: int, reason: str, quarantine: bool = False) -> list[Entry]:
         """A worker exited or was killed: retry what it held, or report it after max_retries.
 
-        Workers announce finished batches together, so with several batches queued the server
-        cannot tell which one the worker died on. Then none is charged a try; each is marked
-        *suspect* and next runs alone on a worker, where a death is attributed exactly.
+        With several batches queued, the server cannot be sure which one the worker died on
+        (the answer for a finished one may still be in flight when the death is seen). Then
+        none is charged a try; each is marked *suspect* and next runs alone on a worker, where
+        a death is attributed exactly.
         ``quarantine`` keeps its slots out of use (a hung thread may still write them)."""
         w = self.workers.pop(wid, None)
         if w is None:
@@ -398,7 +400,8 @@ class Scheduler:
         """The least loaded ready worker with room; an idle one if the task must run alone."""
         best = None
         for w in self.workers.values():
-            if not w.ready or w.isolated or len(w.inflight) >= (1 if alone else depth):
+            if (not w.ready or w.isolated or w.retiring
+                    or len(w.inflight) >= (1 if alone else depth)):
                 continue
             if best is None or len(w.inflight) < len(best.inflight):
                 best = w

@@ -13,6 +13,7 @@ unlink every segment and the lock, remove the runtime directory and the socket f
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import secrets
@@ -20,6 +21,7 @@ import shutil
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from dataserver import shm
 from dataserver._proc import pid_alive, pid_namespace
 from dataserver.config import ServerConfig
 from dataserver.errors import ConfigError, DataServerError, ProtocolError, SharedMemoryError
+from dataserver.logs import setup_logging
 from dataserver.monitor import Monitor
 from dataserver.pool import Pool
 from dataserver.protocol import (
@@ -74,6 +77,10 @@ HEARTBEAT_S = 1.0
 WORKER_QUEUE_DEPTH = 2
 MAX_START_FAILURES = 3
 OVERSIZE_WARN_INTERVAL_S = 30.0
+RETIRE_GRACE_S = 30.0
+#: Memory samples (one per new batch, at most two a second) that must all rise to warn.
+GROWTH_SAMPLES = 10
+GROWTH_MIN_BYTES = 32 << 20
 SLOT_HEADROOM = 1.25
 
 
@@ -108,6 +115,11 @@ class Server:
         self._sentinels: dict[int, int] = {}  # fd -> incarnation
         self.poller = zmq.Poller()
         self.monitor = Monitor()
+        self.exporter: Any = None  # dataserver.metrics.MetricsExporter with --metrics
+        self._retire_since: dict[int, float] = {}
+        self._retire_asked: dict[int, float] = {}
+        self.mem_history: dict[int, deque[tuple[int, int]]] = {}  # wid -> (done, memory)
+        self.growing: set[int] = set()
         self._wake_r = self._wake_w = -1
         self._last_housekeeping = 0.0
         self._last_oversize_warn = 0.0
@@ -147,6 +159,10 @@ class Server:
         self.poller.register(self.clients, zmq.POLLIN)
         if self._wake_r >= 0:
             self.poller.register(self._wake_r, zmq.POLLIN)
+        if cfg.metrics:
+            from dataserver.metrics import MetricsExporter
+
+            self.exporter = MetricsExporter(cfg.metrics)
         if cfg.slot_bytes is not None:
             self._make_ring(cfg.slot_bytes)
         template = WorkerSpec(
@@ -355,6 +371,12 @@ class Server:
         assert sched is not None
         if isinstance(msg, Done):
             sched.done(wid, msg.bid, msg.segment, msg.nbytes, msg.layout, msg.busy_s)
+            cap = self.config.max_worker_tasks
+            w = sched.workers.get(wid)
+            if cap and w is not None and w.done >= cap and not w.retiring:
+                sched.stats["task_cap_restarts"] += 1
+                self._retire(w, f"made {w.done} batches (--max-worker-tasks {cap})",
+                             time.monotonic())
             if msg.segment and not self._warned_oversize:
                 self._maybe_warn_oversize(time.monotonic())
         elif isinstance(msg, Raised):
@@ -395,6 +417,11 @@ class Server:
             return
         if h.process is not None:
             h.process.join(1.0)
+        w = self.sched.workers.get(inc)
+        if w is not None and w.retiring and not w.inflight:  # stopped by a cap, replaced
+            self.sched.worker_gone(inc, w.retiring)
+            self._forget_worker(inc)
+            return
         reason = f"worker {h.spec.worker} (pid {h.pid}) {h.exit_reason()}"
         self._replace(inc, reason)
 
@@ -408,7 +435,7 @@ class Server:
         h = self.pool.handles.get(inc)
         if h is not None:
             self._drop_sentinel(h.sentinel)
-        self.pool.forget(inc)
+        self._forget_worker(inc)
         self.sched.stats["restarts"] += 1
         if not was_ready:
             self.start_failures += 1
@@ -418,6 +445,13 @@ class Server:
         log.warning("%s; replacing it%s", reason,
                     f", retrying batches {[e.index for e in retried]}" if retried else "")
         self._start_worker(w.index)
+
+    def _forget_worker(self, inc: int) -> None:
+        assert self.pool is not None
+        self.pool.forget(inc)
+        for table in (self.mem_history, self._retire_since, self._retire_asked):
+            table.pop(inc, None)
+        self.growing.discard(inc)
 
     def _drop_sentinel(self, fd: int | None) -> None:
         if fd is not None and self._sentinels.pop(fd, None) is not None:
@@ -538,6 +572,70 @@ class Server:
                 if not h.alive() and inc in sched.workers:
                     self._replace(inc, f"worker thread {h.spec.worker} ended unexpectedly")
         self._maybe_warn_oversize(now)
+        if self.state == "running":
+            self._check_caps(now)
+        if self.exporter is not None and self.state == "running":
+            self.exporter.update(self.monitor.snapshot(self))
+
+    def _check_caps(self, now: float) -> None:
+        """Retire workers over --max-worker-tasks or --max-worker-memory (they finish what they
+        hold, then stop; a replacement starts at once), kill a retiree that does not finish
+        within RETIRE_GRACE_S, and warn about workers whose memory keeps growing."""
+        sched, cfg, pool = self.sched, self.config, self.pool
+        assert sched is not None and pool is not None
+        for w in list(sched.workers.values()):
+            if not w.ready:
+                continue
+            if w.retiring:
+                if not w.inflight and w.wid in self._retire_asked:
+                    continue
+                if not w.inflight:
+                    self._send_worker(w.wid, Stop())
+                    self._retire_asked[w.wid] = now
+                elif now - self._retire_since.get(w.wid, now) > RETIRE_GRACE_S:
+                    log.warning("worker %d did not finish its batches within %.0f s of "
+                                "retiring; killing it", w.index, RETIRE_GRACE_S)
+                    pool.kill(w.wid)
+                continue
+            why = ""
+            if cfg.worker_type == "process":
+                mem = self.monitor.process(w.pid).get(cfg.memory_kind)
+                self._note_memory(w, mem)
+                if cfg.max_worker_memory and mem and mem > cfg.max_worker_memory:
+                    why = (f"uses {shm.format_bytes(mem)} {cfg.memory_kind.upper()}, over "
+                           f"--max-worker-memory {shm.format_bytes(cfg.max_worker_memory)}")
+                    sched.stats["memory_cap_restarts"] += 1
+            if why:
+                self._retire(w, why, now)
+
+    def _retire(self, w: WorkerState, why: str, now: float) -> None:
+        """No more work for ``w``; it stops once idle; a replacement starts now."""
+        w.retiring = f"worker {w.index} (pid {w.pid}) {why}"
+        self._retire_since[w.wid] = now
+        log.warning("%s; replacing it once it finishes its batches", w.retiring)
+        self._start_worker(w.index)
+
+    def _note_memory(self, w: WorkerState, mem: int | None) -> None:
+        """Keep a worker's memory after each new batch; flag steady growth once."""
+        if mem is None:
+            return
+        history = self.mem_history.setdefault(w.wid, deque(maxlen=GROWTH_SAMPLES))
+        if history and history[-1][0] == w.done:
+            return
+        history.append((w.done, mem))
+        if w.wid in self.growing or len(history) < GROWTH_SAMPLES:
+            return
+        mems = [m for _, m in history]
+        grew = mems[-1] - mems[0]
+        if all(b > a for a, b in itertools.pairwise(mems)) and grew > max(
+                GROWTH_MIN_BYTES, mems[0] // 5):
+            self.growing.add(w.wid)
+            log.warning(
+                "worker %d (pid %d) grew by %s over its last %d batches and keeps growing. "
+                "Usual causes: a cache that is never bounded, references kept to old batches, "
+                "or Python objects (lists, dicts) shared from the parent whose refcounts copy "
+                "their pages (keep big tables in numpy arrays). --max-worker-memory caps it",
+                w.index, w.pid, shm.format_bytes(grew), GROWTH_SAMPLES)
 
     def _maybe_warn_oversize(self, now: float) -> None:
         sched = self.sched
@@ -602,6 +700,8 @@ class Server:
             return
         self.state = "closed"
         self.stopping = True
+        if self.exporter is not None:
+            self.exporter.close()
         if self.clients is not None:
             self.clients.close(0)
         if self.ipc_path is not None:
@@ -627,11 +727,12 @@ class Server:
         log.info("stopped; removed the ring and every segment of server %s", self.server_id)
 
 
-def run_in_child(config: ServerConfig, source: SequenceSource, conn: Any, level: str) -> None:
+def run_in_child(config: ServerConfig, source: SequenceSource | dict[str, SequenceSource],
+                 conn: Any, level: str) -> None:
     """Entry point of the server process that ``DataServer`` starts."""
     import msgpack
 
-    logging.basicConfig(level=level, format="%(asctime)s dataserver %(levelname)s %(message)s")
+    setup_logging(level, config.log_format)
     server = Server(config, source)
 
     def ready(endpoint: str) -> None:

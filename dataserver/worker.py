@@ -45,8 +45,6 @@ from dataserver.source import SequenceSource, WorkerInfo, set_worker_info
 __all__ = ["WorkerSpec", "worker_main"]
 
 POLL_INTERVAL_S = 0.5
-#: Finished batches are announced together while more are queued, but never later than this.
-FLUSH_AFTER_S = 0.001
 log = logging.getLogger("dataserver.worker")
 
 
@@ -139,21 +137,16 @@ class _Worker:
         return name
 
     def serve(self) -> None:
-        """Wait for messages; run queued tasks in order. Answers are sent together while more
-        tasks are queued, but never held longer than ``FLUSH_AFTER_S``."""
+        """Wait for messages; run queued tasks in order, answering each as soon as it is made
+        (holding answers back to send them together saved nothing measurable, and let one slow
+        batch delay the finished ones before it)."""
         poll_ms = int(POLL_INTERVAL_S * 1000)
         queue: deque[list[int]] = deque()
-        unsent: list[bytes] = []
-        first_unsent = 0.0
         while True:
-            if not queue:
-                if unsent:
-                    self.sock.send_multipart(unsent)
-                    unsent = []
-                if not self.sock.poll(poll_ms):
-                    if self.spec.kind == "process" and os.getppid() != self.spec.parent_pid:
-                        return  # the server is gone
-                    continue
+            if not queue and not self.sock.poll(poll_ms):
+                if self.spec.kind == "process" and os.getppid() != self.spec.parent_pid:
+                    return  # the server is gone
+                continue
             while self.sock.get(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[operator,arg-type]
                 msg = decode(self.sock.recv())
                 if isinstance(msg, Tasks):
@@ -163,12 +156,7 @@ class _Worker:
                 elif isinstance(msg, Stop):
                     return
             if queue:
-                if not unsent:
-                    first_unsent = time.perf_counter()
-                unsent.append(self.run_task(*queue.popleft()))
-                if time.perf_counter() - first_unsent > FLUSH_AFTER_S:
-                    self.sock.send_multipart(unsent)
-                    unsent = []
+                self.sock.send(self.run_task(*queue.popleft()))
 
 
 def worker_main(spec: WorkerSpec) -> None:

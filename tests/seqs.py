@@ -229,3 +229,23 @@ class EpochFilled(Indexed):
     def __getitem__(self, i: int) -> Any:
         x, y = super().__getitem__(i)
         return x + np.float32(1000 * self.epochs), y
+
+
+class Hog(Indexed):
+    """Allocates ``mb`` MiB and keeps it at the indices in ``hog_at``; grows ``grow_mb`` per
+    batch otherwise (0: not at all)."""
+
+    def __init__(self, n: int, hog_at: tuple[int, ...] = (), mb: int = 200, grow_mb: int = 0,
+                 delay: float = 0.0) -> None:
+        super().__init__(n)
+        self.hog_at, self.mb, self.grow_mb, self.pause = set(hog_at), mb, grow_mb, delay
+        self.kept: list[np.ndarray] = []
+
+    def __getitem__(self, i: int) -> Any:
+        if i in self.hog_at:
+            self.kept.append(np.ones(self.mb << 18, np.float32))  # touched: really resident
+        elif self.grow_mb:
+            self.kept.append(np.ones(self.grow_mb << 18, np.float32))
+        if self.pause:
+            time.sleep(self.pause)
+        return super().__getitem__(i)

@@ -1,0 +1,88 @@
+"""Worker caps (memory, tasks), growth warnings and stuck-batch flags."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import seqs
+from dataserver.client import RemoteSequence
+from dataserver.errors import ConfigError
+from dataserver.status import fetch_status
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def wait_for(condition: Any, what: str, timeout: float = 20.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def read_epoch(endpoint: str, epochs: int = 1) -> list[list[int]]:
+    out = []
+    with RemoteSequence(endpoint) as seq:
+        for _ in range(epochs):
+            out.append([int(y[0]) for _x, y in seq])
+            seq.on_epoch_end()
+    return out
+
+
+def test_worker_over_its_memory_cap_is_replaced_and_nothing_is_lost(serve: Any) -> None:
+    server = serve(seqs.Hog(40, hog_at=(5,), mb=200, delay=0.01), workers=2,
+                   max_worker_memory="100MiB")
+    pids_before = {w["pid"] for w in fetch_status(server.endpoint)["workers"]}
+    assert read_epoch(server.endpoint) == [list(range(40))]
+    status = wait_for(lambda: (s := fetch_status(server.endpoint))["counters"].get(
+        "memory_cap_restarts") and len(s["workers"]) == 2 and s, "the hog to be replaced")
+    assert status["counters"]["memory_cap_restarts"] == 1
+    assert {w["pid"] for w in status["workers"]} != pids_before
+    assert all(w["uss"] < 100 << 20 for w in status["workers"])
+    assert read_epoch(server.endpoint, 2) == [list(range(40))] * 2
+
+
+def test_worker_is_replaced_after_max_tasks(serve: Any) -> None:
+    server = serve(seqs.Indexed(30, delay=0.01), workers=2, max_worker_tasks=6)
+    assert read_epoch(server.endpoint, 2) == [list(range(30))] * 2
+    status = wait_for(lambda: fetch_status(server.endpoint)["counters"].get(
+        "task_cap_restarts", 0) >= 3, "workers to be replaced")
+    assert status
+
+
+def test_memory_cap_does_not_apply_to_threads(serve: Any) -> None:
+    with pytest.raises(ConfigError, match="share the server's memory"):
+        serve(seqs.Indexed(4), worker_type="thread", max_worker_memory="1GiB")
+
+
+@pytest.mark.timeout(60)
+def test_steady_growth_is_flagged(serve: Any) -> None:
+    server = serve(seqs.Hog(40, grow_mb=8, delay=0.55), workers=1, prefetch=4, slots=8)
+    with RemoteSequence(server.endpoint) as seq:
+        it = iter(seq)
+        status = None
+        for _ in range(40):
+            next(it)
+            status = fetch_status(server.endpoint)
+            if status["workers"][0]["growing"]:
+                break
+        assert status is not None and status["workers"][0]["growing"], status
+
+
+def test_a_stuck_batch_is_flagged_then_replaced(serve: Any, tmp_path: Path) -> None:
+    server = serve(seqs.Hangs(12, 3, str(tmp_path / "hung")), workers=2, hang_threshold=0.3,
+                   batch_timeout=4)
+    with RemoteSequence(server.endpoint) as seq:
+        it = iter(seq)
+        got = [int(next(it)[1][0]) for _ in range(3)]
+        stuck = wait_for(lambda: [w for w in fetch_status(server.endpoint)["workers"]
+                                  if w["stuck"]], "a stuck worker in status")
+        assert stuck[0]["batch"] == 3 and stuck[0]["batch_seconds"] > 0.3
+        got += [int(y[0]) for _x, y in it]
+    assert got == list(range(12))
