@@ -24,6 +24,7 @@ from dataserver.errors import (
 )
 
 if TYPE_CHECKING:
+    from dataserver.alloc import empty, full, zeros
     from dataserver.api import DataServer
     from dataserver.config import ServerConfig
     from dataserver.source import Sequence, WorkerInfo, worker_info
@@ -45,10 +46,16 @@ __all__ = [
     "WorkerDiedError",
     "WorkerInfo",
     "__version__",
+    "empty",
+    "full",
     "worker_info",
+    "zeros",
 ]
 
 _LAZY = {
+    "empty": "dataserver.alloc",
+    "full": "dataserver.alloc",
+    "zeros": "dataserver.alloc",
     "DataServer": "dataserver.api",
     "ServerConfig": "dataserver.config",
     "Sequence": "dataserver.source",

@@ -54,6 +54,7 @@ class Plan:
     nbytes: int
     arrays: list[tuple[int, np.ndarray[Any, Any]]] = field(default_factory=list)
     blobs: list[tuple[int, bytes]] = field(default_factory=list)
+    in_place: int = 0  # arrays already in the slot (made with dataserver.empty): not copied
 
 
 def _align(n: int) -> int:
@@ -88,9 +89,12 @@ def _where(index: int, path: tuple[Any, ...]) -> str:
 
 
 class _Planner:
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, inplace: tuple[int, int] | None) -> None:
         self.index = index
-        self.offset = 0
+        # arrays allocated in the slot by dataserver.empty: (slot address, bytes allocated)
+        self.inplace = inplace
+        self.offset = inplace[1] if inplace else 0
+        self.in_place = 0
         self.arrays: list[tuple[int, np.ndarray[Any, Any]]] = []
         self.blobs: list[tuple[int, bytes]] = []
 
@@ -150,6 +154,12 @@ class _Planner:
     def array(self, arr: np.ndarray[Any, Any], path: tuple[Any, ...]) -> Any:
         if arr.dtype.hasobject:
             raise self.object_error(path)
+        if self.inplace and arr.nbytes and arr.flags.c_contiguous:
+            lo, used = self.inplace
+            addr = arr.__array_interface__["data"][0]
+            if lo <= addr and addr + arr.nbytes <= lo + used:  # already in the slot
+                self.in_place += 1
+                return [_ARRAY, _descr(arr.dtype), list(arr.shape), addr - lo]
         off = _align(self.offset)
         self.offset = off + arr.nbytes
         if arr.nbytes:
@@ -157,12 +167,14 @@ class _Planner:
         return [_ARRAY, _descr(arr.dtype), list(arr.shape), off]
 
 
-def plan(batch: Any, index: int) -> Plan:
-    """Place every piece of ``batch`` (the batch at ``index``, named in errors)."""
-    planner = _Planner(index)
+def plan(batch: Any, index: int, inplace: tuple[int, int] | None = None) -> Plan:
+    """Place every piece of ``batch`` (the batch at ``index``, named in errors). ``inplace`` is
+    (address, bytes used) of a slot whose first bytes ``dataserver.empty`` filled: arrays lying
+    there keep their place and are not copied."""
+    planner = _Planner(index, inplace)
     tree = planner.node(batch, ())
     layout = msgpack.packb(tree, use_bin_type=True)
-    return Plan(layout, planner.offset, planner.arrays, planner.blobs)
+    return Plan(layout, max(planner.offset, 0), planner.arrays, planner.blobs, planner.in_place)
 
 
 def write(p: Plan, region: np.ndarray[Any, Any]) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 import zmq
 
 from dataserver import layout, shm
+from dataserver.alloc import empty, full, slot_allocation, zeros
 from dataserver.errors import SharedMemoryError
 from dataserver.protocol import (
     Done,
@@ -42,7 +43,7 @@ from dataserver.protocol import (
 )
 from dataserver.source import SequenceSource, WorkerInfo, set_worker_info
 
-__all__ = ["WorkerSpec", "worker_main"]
+__all__ = ["WorkerSpec", "empty", "full", "worker_main", "zeros"]
 
 POLL_INTERVAL_S = 0.5
 log = logging.getLogger("dataserver.worker")
@@ -107,19 +108,28 @@ class _Worker:
                                                spec.kind), spec.kind == "thread")
                     seq.on_epoch_end()
             self.epochs[ds] = max(self.epochs[ds], epoch)
-            batch = seq[index]
+            region = None
+            if slot >= 0 and self.ring_array is not None:
+                start = slot * self.slot_bytes
+                region = self.ring_array[start : start + self.slot_bytes]
+            with slot_allocation(region) as allocated:
+                batch = seq[index]
             if batch is None:
                 raise layout.BatchFormatError(
                     f"batch {index}: __getitem__ returned None; return the batch, e.g. (x, y)"
                 )
-            plan = layout.plan(batch, index)
-            del batch
+            inplace = None
+            if allocated is not None and allocated.used:
+                inplace = (allocated.region.__array_interface__["data"][0], allocated.used)
+            plan = layout.plan(batch, index, inplace)
             segment = ""
-            if slot >= 0 and plan.nbytes <= self.slot_bytes and self.ring_array is not None:
-                start = slot * self.slot_bytes
-                layout.write(plan, self.ring_array[start : start + plan.nbytes])
+            if region is not None and plan.nbytes <= self.slot_bytes:
+                layout.write(plan, region[: plan.nbytes])
             else:
+                if plan.in_place:  # too big for the slot after all: copy everything out
+                    plan = layout.plan(batch, index)
                 segment = self.write_oversize(bid, plan)
+            del batch
         except Exception as exc:  # MemoryError too: the batch failed, the worker goes on
             return encode(Raised(bid, *_error_fields(exc)))
         return encode(Done(bid, segment, plan.nbytes, plan.layout, time.perf_counter() - t0))

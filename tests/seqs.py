@@ -249,3 +249,17 @@ class Hog(Indexed):
         if self.pause:
             time.sleep(self.pause)
         return super().__getitem__(i)
+
+
+class InPlace(Indexed):
+    """Builds x with dataserver.empty (zero-copy) and records whether it landed in a slot."""
+
+    def __getitem__(self, i: int) -> Any:
+        from dataserver import empty, zeros
+
+        x = empty((self.rows, self.cols), np.float32)
+        x[...] = i
+        y = zeros(2, np.int64)
+        y[0] = i
+        y[1] = int(not x.flags.owndata)  # 1: the array is a view of the slot
+        return {"x": x, "y": y, "strided": x[:, ::2]}

@@ -317,3 +317,16 @@ def test_client_imports_no_server_module() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize("worker_type", ["process", "thread"])
+def test_arrays_made_with_dataserver_empty_are_not_copied(serve: Any, worker_type: str) -> None:
+    server = serve(seqs.InPlace(12, rows=64, cols=64), worker_type=worker_type,
+                   slot_bytes=1 << 16)
+    with RemoteSequence(server.endpoint) as seq:
+        for i, batch in enumerate(seq):
+            assert batch["y"][1] == 1, "empty() did not allocate in the slot"
+            assert float(batch["x"][0, 0]) == i and int(batch["y"][0]) == i
+            assert np.array_equal(batch["strided"], batch["x"][:, ::2])
+    inline = seqs.InPlace(2)[1]  # outside a worker: plain numpy arrays
+    assert inline["y"][1] == 0 and float(inline["x"][0, 0]) == 1
