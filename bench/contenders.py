@@ -5,6 +5,8 @@
   shared-memory ring (a file in the shm directory, unlinked as soon as it is mapped), consume
   the slot: one copy and nothing else, the single-copy ceiling for one producer (a server
   with 2 workers can beat it when producing the batch, not copying it, is the cost).
+* ``zerocopy``: ``process``, with the Sequence building ``x`` by ``dataserver.empty`` (in the
+  slot: no copy in the worker).
 * ``process`` / ``thread``: a ``DataServer`` with 2 workers of that kind, started outside the
   timed region; epoch 1 gives the time to first batch, epoch 2 (after ``on_epoch_end``) the
   steady-state rate, and the gap between them the epoch-end stall.
@@ -31,7 +33,7 @@ from bench.workload import BenchError, Checker, Workload
 
 __all__ = ["CONTENDERS", "measure"]
 
-CONTENDERS = ("inline", "ring", "process", "thread")
+CONTENDERS = ("inline", "ring", "process", "thread", "zerocopy")
 RING_SLOTS = 4
 #: inline and ring first run untimed for this fraction of ``min_s`` (the dataservers' epoch 1
 #: plays that part for them): first-touch page faults, allocator and cache warm-up.
@@ -183,4 +185,6 @@ def measure(contender: str, wl: Workload, check: Checker, *, min_s: float, shm_d
         return measure_ring(wl, check, min_s, shm_dir)
     if contender in ("process", "thread"):
         return measure_dataserver(wl, check, contender, run_dir)
+    if contender == "zerocopy":  # process workers building x with dataserver.empty
+        return measure_dataserver(wl.zero_copy(), check, "process", run_dir)
     raise ValueError(f"unknown contender {contender!r}; known: {', '.join(CONTENDERS)}")

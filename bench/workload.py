@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from dataserver import empty
+
 __all__ = ["BenchError", "Checker", "Workload", "burn"]
 
 FILL_MOD = 251
@@ -39,12 +41,16 @@ def burn(cpu_us: float) -> None:
 class Workload:
     """A Keras-style Sequence of ``n`` batches of ``nbytes`` (a multiple of 8) each."""
 
-    def __init__(self, nbytes: int, n: int, cpu_us: float = 0.0) -> None:
+    def __init__(self, nbytes: int, n: int, cpu_us: float = 0.0, in_slot: bool = False) -> None:
         if nbytes <= 0 or nbytes % 8:
             raise ValueError(f"nbytes must be a positive multiple of 8, got {nbytes}")
         self.nbytes = int(nbytes)
         self.n = int(n)
         self.cpu_us = float(cpu_us)
+        self.in_slot = in_slot  # allocate x with dataserver.empty (zero-copy in a worker)
+
+    def zero_copy(self) -> Workload:
+        return Workload(self.nbytes, self.n, self.cpu_us, in_slot=True)
 
     def __len__(self) -> int:
         return self.n
@@ -54,7 +60,7 @@ class Workload:
             raise IndexError(i)
         if self.cpu_us:
             burn(self.cpu_us)
-        x = np.empty(self.nbytes // 4, np.float32)
+        x = (empty if self.in_slot else np.empty)(self.nbytes // 4, np.float32)
         x.fill(i % FILL_MOD)
         return x, np.array([i])
 
