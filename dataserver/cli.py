@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from dataserver.errors import DataServerError
+from dataserver.logs import setup_logging
 
 __all__ = ["build_parser", "main"]
 
@@ -54,8 +56,20 @@ def add_serve_options(serve: argparse.ArgumentParser) -> None:
                             "sent no heartbeat for this long")
     serve.add_argument("--insecure", action="store_true",
                        help="allow a tcp endpoint beyond loopback without authentication")
+    serve.add_argument("--max-worker-memory", default=None, metavar="SIZE",
+                       help="replace a worker whose memory (see --memory-kind) exceeds this")
+    serve.add_argument("--memory-kind", choices=["uss", "pss", "rss"], default="uss",
+                       help="the figure --max-worker-memory caps (default uss)")
+    serve.add_argument("--max-worker-tasks", type=int, default=None, metavar="N",
+                       help="replace a worker after it has made N batches")
+    serve.add_argument("--hang-threshold", type=float, default=60.0, metavar="SECONDS",
+                       help="flag a batch in flight longer than this as stuck in status")
+    serve.add_argument("--metrics", default=None, metavar="ADDR:PORT",
+                       help="serve Prometheus metrics over HTTP, e.g. 127.0.0.1:9464")
     serve.add_argument("--log-level", default="INFO",
                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--log-format", choices=["text", "json"], default="text",
+                       help="json: one JSON object per line")
 
 
 def _add_launch_options(parser: argparse.ArgumentParser) -> None:
@@ -82,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         "launch", help="run a server beside a trainer command until the trainer exits",
         usage="dataserver launch SPEC... [serve options] [--ready-timeout SECONDS] "
               "-- COMMAND [ARG...]",
-        description="Start `dataserver serve SPEC... [options]`, wait until it is ready, run "
+        description="Start `dataserver serve SPEC... [options]` (without --endpoint: on a "
+                    "fresh socket in the private runtime directory), wait until it is ready, run "
                     "COMMAND with DATASERVER_ENDPOINT set, forward SIGINT/SIGTERM to it, stop the "
                     "server when it exits and exit with its code.",
     )
@@ -96,6 +111,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=2)
 
     sub.add_parser("cleanup", help="remove shared memory and sockets left by dead servers")
+
+    status = sub.add_parser("status", help="one snapshot of a server: workers, memory, ring, "
+                                           "consumers (exit 0 if it answers: a health check)")
+    status.add_argument("--endpoint", default="",
+                        help="default: $DATASERVER_ENDPOINT or the default socket")
+    status.add_argument("--json", action="store_true", help="stable JSON (docs/status.md)")
+    status.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
+
+    top = sub.add_parser("top", help="the status view refreshed live, with a memory trend per "
+                                     "worker, until Ctrl-C",
+                         description="Redraw `dataserver status` every --interval seconds with a "
+                                     "memory trend per worker until Ctrl-C (exit 0). Exits 1 if "
+                                     "the server does not answer the first request; later "
+                                     "outages are shown and retried.")
+    top.add_argument("--endpoint", default="",
+                     help="default: $DATASERVER_ENDPOINT or the default socket")
+    top.add_argument("--interval", type=float, default=1.0, metavar="SECONDS",
+                     help="seconds between refreshes (default %(default)g)")
+    top.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS",
+                     help="wait this long for each answer (default %(default)g)")
     return parser
 
 
@@ -106,14 +141,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # like `python -m`: SPECs in the current directory
-    config = ServerConfig(
-        endpoint=args.endpoint, workers=args.workers, worker_type=args.worker_type,
-        prefetch=args.prefetch, slots=args.slots, slot_bytes=args.slot_bytes,
-        shuffle=args.shuffle, seed=args.seed, start_method=args.start_method,
-        max_retries=args.max_retries, batch_timeout=args.batch_timeout,
-        consumer_timeout=args.consumer_timeout, insecure=args.insecure,
-        log_level=args.log_level,
-    )
+    names = {f.name for f in dataclasses.fields(ServerConfig)}
+    config = ServerConfig(**{k: v for k, v in vars(args).items() if k in names})
     server = Server(config, parse_specs(args.spec, args.arg))
 
     def ready(endpoint: str) -> None:
@@ -147,9 +176,7 @@ def _launch(args: argparse.Namespace, head: list[str], command: list[str]) -> in
 def main(argv: Sequence[str] | None = None) -> int:
     head, command = _split_launch(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(head)
-    level = getattr(args, "log_level", "WARNING")
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s dataserver %(levelname)s %(message)s")
+    setup_logging(getattr(args, "log_level", "WARNING"), getattr(args, "log_format", "text"))
     try:
         if args.command == "serve":
             return _serve(args)
@@ -159,6 +186,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             from dataserver.demo import run_demo
 
             return run_demo(args.epochs, args.batches, args.workers)
+        if args.command == "status":
+            from dataserver.config import default_endpoint
+            from dataserver.status import run_status
+
+            return run_status(args.endpoint or default_endpoint(), args.json, args.timeout)
+        if args.command == "top":
+            from dataserver.config import default_endpoint
+            from dataserver.top import run_top
+
+            return run_top(args.endpoint or default_endpoint(), args.interval, args.timeout)
         if args.command == "cleanup":
             from dataserver.shm import sweep
 
