@@ -60,6 +60,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", help=f"only these contenders, of {','.join(CONTENDERS)}")
     p.add_argument("--min-s", type=float,
                    help="least time per inline/ring measurement (default 0.5 s, 0.05 quick)")
+    p.add_argument("--keras", action="store_true", help="instead: Keras fit steps/s fed by the "
+                   "dataserver vs Keras' own workers (python -m bench.keras_fit --help)")
     p.add_argument("--out", type=Path, help="JSON results (default bench/results/latest.json, "
                    "bench/results/quick.json with --quick)")
     a = p.parse_args(argv)
@@ -170,6 +172,11 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if "--keras" in args:  # Keras fit steps/s instead: bench/keras_fit.py, with its own options
+        from bench import keras_fit
+
+        return keras_fit.main([x for x in args if x != "--keras"])
     a = parse(argv)
     before = set(os.listdir("/dev/shm"))
     m = report.machine()

@@ -64,8 +64,8 @@ class Dataset:
 
 class Entry:
     __slots__ = ("attempts", "bid", "ds", "epoch", "index", "keep", "layout", "leases", "nbytes",
-                 "probe", "segment", "slot", "started", "state", "suspect", "urgent", "waiters",
-                 "worker")
+                 "pos", "probe", "segment", "slot", "started", "state", "suspect", "urgent",
+                 "waiters", "worker")
 
     def __init__(self, bid: int, ds: int, epoch: int, index: int) -> None:
         self.bid = bid
@@ -83,6 +83,7 @@ class Entry:
         self.leases = 0
         self.waiters: list[tuple[bytes, int]] = []
         self.urgent = False
+        self.pos = -1  # position in its epoch's order when a Want created it (-1: a Fetch)
         self.keep = False  # produced before anyone asked: kept until first delivered
         self.probe = False  # the slot-sizing batch: cached in its own segment like a slot
         self.suspect = False  # was queued on a worker that died: run it alone next time
@@ -162,7 +163,7 @@ class Scheduler:
     def probe(self, ds: int) -> Entry:
         """Make the first batch of epoch 0 before anyone asks (to size the slots); it is kept
         for the first consumer that wants it. A failure lands in ``probe_error``."""
-        e = self._entry(ds, 0, int(self.datasets[ds].order(0)[0]))
+        e = self._entry(ds, 0, int(self.datasets[ds].order(0)[0]), 0)
         e.keep = e.probe = True
         return e
 
@@ -176,11 +177,12 @@ class Scheduler:
     def add_consumer(self, c: ConsumerState) -> None:
         self.consumers[c.cid] = c
 
-    def _entry(self, ds: int, epoch: int, index: int) -> Entry:
+    def _entry(self, ds: int, epoch: int, index: int, pos: int = -1) -> Entry:
         key = (ds, epoch, index)
         e = self.entries.get(key)
         if e is None:
             e = Entry(self._next_bid, ds, epoch, index)
+            e.pos = pos
             self._next_bid += 1
             self.entries[key] = e
             self.by_bid[e.bid] = e
@@ -209,7 +211,7 @@ class Scheduler:
         order = d.order(epoch)
         c.epoch, c.position = epoch, start
         for pos in positions:
-            e = self._entry(c.ds, epoch, int(order[pos]))
+            e = self._entry(c.ds, epoch, int(order[pos]), pos)
             if urgent and pos == start and e.state == PENDING:
                 e.urgent = True
                 self.pending.appendleft(e)
@@ -432,7 +434,7 @@ class Scheduler:
                 return
             if self.free_slots:
                 slot = self.free_slots.popleft()
-            elif (slot := self._evict()) >= 0:
+            elif (slot := self._evict(e.urgent or e.keep)) >= 0:
                 pass
             elif e.urgent or e.keep or self.slots == 0:
                 slot = -1
@@ -500,16 +502,41 @@ class Scheduler:
         if slot >= 0 and slot not in self.quarantined:
             self.free_slots.append(slot)
 
-    def _evict(self) -> int:
-        """Free the slot of the oldest cached batch; -1 if no cached batch holds a slot."""
-        while self.cached:
-            _, old = self.cached.popitem(last=False)
+    def _behind(self) -> dict[int, tuple[int, int]]:
+        """Per dataset, the (epoch, position) every consumer of it has asked beyond: a cached
+        batch before it is needed by none of them."""
+        low: dict[int, tuple[int, int]] = {}
+        for c in self.consumers.values():
+            if not c.gone:
+                at = (c.epoch, c.position)
+                low[c.ds] = min(low.get(c.ds, at), at)
+        return low
+
+    def _evict(self, needed_too: bool) -> int:
+        """Free a cached batch's slot: the oldest one no consumer still needs, or (``needed_too``,
+        for a consumer blocked on its next batch) the oldest of all. -1 if none qualifies.
+
+        Not evicting what a lagging consumer will read is the backpressure: a consumer far
+        ahead of the others then waits for slots (or, blocked, gets its batch in a one-off
+        segment), so the others catch up instead of every batch being made once per consumer.
+        """
+        low = self._behind()
+        victim = None
+        for e in self.cached.values():
+            if e.pos < 0 or e.ds not in low or (e.epoch, e.pos) < low[e.ds]:
+                victim = e
+                break
+        if victim is None and needed_too and self.cached:
+            victim = next(iter(self.cached.values()))
+            self.stats["evicted_needed"] += 1
+        while victim is not None:
+            old = victim
             self._forget(old)
             self.stats["evicted"] += 1
-            if old.segment:  # the slot-sizing batch, cached in its own segment
-                self.to_unlink.append(old.segment)
-                continue
-            return old.slot
+            if not old.segment:
+                return old.slot
+            self.to_unlink.append(old.segment)  # the slot-sizing batch, in its own segment
+            victim = next(iter(self.cached.values()), None) if needed_too else None
         return -1
 
     def _maybe_free(self, e: Entry) -> None:

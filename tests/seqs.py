@@ -263,3 +263,10 @@ class InPlace(Indexed):
         y[0] = i
         y[1] = int(not x.flags.owndata)  # 1: the array is a view of the slot
         return {"x": x, "y": y, "strided": x[:, ::2]}
+
+
+class RaisesMemoryError(Indexed):
+    def __getitem__(self, i: int) -> Any:
+        if i == 2:
+            raise MemoryError("cannot allocate 80 GiB for the decoded video")
+        return super().__getitem__(i)

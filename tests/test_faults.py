@@ -227,3 +227,15 @@ def test_cli_warns_once_about_oversize_batches(isolated: dict[str, Path]) -> Non
         for f in (proc.stdout, proc.stderr):
             if f:
                 f.close()
+
+
+def test_memory_error_in_getitem_is_an_error_at_its_index(serve: Any) -> None:
+    from dataserver.client import RemoteError
+
+    server = serve(seqs.RaisesMemoryError(5), slot_bytes=4096)
+    with RemoteSequence(server.endpoint) as seq:
+        it = iter(seq)
+        assert int(next(it)[1][0]) == 0 and int(next(it)[1][0]) == 1
+        with pytest.raises(RemoteError, match="MemoryError: cannot allocate 80 GiB"):
+            next(it)
+        assert [int(y[0]) for _x, y in it] == [3, 4]
