@@ -1,4 +1,4 @@
-"""The four contenders. Each ``measure_*`` runs one measurement and returns a dict of figures.
+"""The contenders. Each ``measure_*`` runs one measurement and returns a dict of figures.
 
 * ``inline``: ``seq[i]`` in this process, then consume it.
 * ``ring``: ``seq[i]`` in this process, ``np.copyto`` into a slot of a preallocated
@@ -10,9 +10,13 @@
 * ``process`` / ``thread``: a ``DataServer`` with 2 workers of that kind, started outside the
   timed region; epoch 1 gives the time to first batch, epoch 2 (after ``on_epoch_end``) the
   steady-state rate, and the gap between them the epoch-end stall.
+* ``keras-proc``, ``keras-thread``, ``torch``: the peers, measured the same way (bench/peers.py);
+  each is skipped with a note where its framework is not installed.
 
 inline and ring have no start-up and no epoch boundary to speak of: they cycle through the
 indices until ``min_s`` has passed (after an untimed warm-up) and report the mean rate.
+Every contender reports the consumer's RSS at the end of its measurement, and those with worker
+processes the workers' USS (bench/memory.py).
 """
 
 from __future__ import annotations
@@ -29,11 +33,14 @@ from typing import Any
 
 import numpy as np
 
+from bench import memory
 from bench.workload import BenchError, Checker, Workload
 
-__all__ = ["CONTENDERS", "measure"]
+__all__ = ["CONTENDERS", "DATASERVER", "PEERS", "measure", "read_epoch"]
 
-CONTENDERS = ("inline", "ring", "process", "thread", "zerocopy")
+DATASERVER = ("process", "thread", "zerocopy")
+PEERS = ("keras-proc", "keras-thread", "torch")  # bench.peers.PEERS, without importing it
+CONTENDERS = ("inline", "ring", *DATASERVER, *PEERS)
 RING_SLOTS = 4
 #: inline and ring first run untimed for this fraction of ``min_s`` (the dataservers' epoch 1
 #: plays that part for them): first-touch page faults, allocator and cache warm-up.
@@ -56,7 +63,7 @@ def _stride(wl: Workload) -> int:
 def measure_inline(wl: Workload, check: Checker, min_s: float) -> dict[str, Any]:
     _inline_loop(wl, check, min_s * WARMUP)
     done, elapsed = _inline_loop(wl, check, min_s)
-    return _result(done, elapsed, wl.nbytes, warmup_s=min_s * WARMUP)
+    return _result(done, elapsed, wl.nbytes, warmup_s=min_s * WARMUP, **memory.sample())
 
 
 def _inline_loop(wl: Workload, check: Checker, min_s: float) -> tuple[int, float]:
@@ -100,8 +107,9 @@ def measure_ring(wl: Workload, check: Checker, min_s: float, shm_dir: Path) -> d
     with shm_ring(shm_dir, slot_bytes, RING_SLOTS) as mm:
         _ring_loop(wl, check, min_s * WARMUP, mm, slot_bytes, y_off)
         done, elapsed = _ring_loop(wl, check, min_s, mm, slot_bytes, y_off)
+        mem = memory.sample()  # with the ring still mapped
     return _result(done, elapsed, wl.nbytes, warmup_s=min_s * WARMUP, slots=RING_SLOTS,
-                   slot_bytes=slot_bytes)
+                   slot_bytes=slot_bytes, **mem)
 
 
 def _ring_loop(wl: Workload, check: Checker, min_s: float, mm: mmap.mmap, slot_bytes: int,
@@ -128,7 +136,7 @@ def _ring_loop(wl: Workload, check: Checker, min_s: float, mm: mmap.mmap, slot_b
                 return done, elapsed
 
 
-def _epoch(rs: Any, check: Checker, n: int) -> tuple[float, float, int]:
+def read_epoch(rs: Any, check: Checker, n: int) -> tuple[float, float, int]:
     """Read one epoch: (time of the first batch, time after the last was consumed, count)."""
     it = iter(rs)
     x, y = next(it)
@@ -159,21 +167,25 @@ def measure_dataserver(wl: Workload, check: Checker, kind: str, run_dir: Path,
         with RemoteSequence(server.endpoint, timeout=60) as rs:
             connect = perf_counter() - t0
             t_start1 = perf_counter()
-            t_first1, t_end1, _ = _epoch(rs, check, n)
+            t_first1, t_end1, _ = read_epoch(rs, check, n)
             rs.on_epoch_end()
             t_start2 = perf_counter()
-            t_first2, t_end2, _ = _epoch(rs, check, n)
+            t_first2, t_end2, _ = read_epoch(rs, check, n)
+            # the workers are the server's children (none: thread workers, in the server)
+            pids = memory.children(server.pid) if server.pid else set()
+            mem = memory.sample(pids, server_pid=server.pid)
         t_stop = perf_counter()
     stopped = perf_counter() - t_stop  # DataServer.close(): server, workers and segments gone
     e2 = t_end2 - t_start2
     return _result(
         n, e2, wl.nbytes, workers=workers,
         ttfb_s=t_first1 - t_start1,
+        ttfb2_s=t_first2 - t_start2,
         stall_s=t_first2 - t_end1,
         epoch1_s=t_end1 - t_start1,
         epoch1_batches_per_s=n / (t_end1 - t_start1),
         epoch2_after_first_batches_per_s=(n - 1) / (t_end2 - t_first2) if n > 1 else None,
-        startup_s=startup, connect_s=connect, stop_s=stopped,
+        startup_s=startup, connect_s=connect, stop_s=stopped, **mem,
     )
 
 
@@ -187,4 +199,10 @@ def measure(contender: str, wl: Workload, check: Checker, *, min_s: float, shm_d
         return measure_dataserver(wl, check, contender, run_dir)
     if contender == "zerocopy":  # process workers building x with dataserver.empty
         return measure_dataserver(wl.zero_copy(), check, "process", run_dir)
+    if contender in PEERS:
+        from bench import peers
+
+        if contender == "torch":
+            return peers.measure_torch(wl, check)
+        return peers.measure_keras(wl, check, use_multiprocessing=contender == "keras-proc")
     raise ValueError(f"unknown contender {contender!r}; known: {', '.join(CONTENDERS)}")

@@ -14,9 +14,13 @@ import numpy as np
 __all__ = ["bars", "machine", "medians", "table"]
 
 LABELS = {"inline": "inline", "ring": "one-copy ring", "process": "dataserver process",
-          "thread": "dataserver thread"}
-FIGURES = ("batches_per_s", "gb_per_s", "ttfb_s", "stall_s", "startup_s", "connect_s",
-           "epoch1_batches_per_s", "epoch2_after_first_batches_per_s")
+          "thread": "dataserver thread", "zerocopy": "dataserver zero-copy",
+          "keras-proc": "Keras PyDataset processes", "keras-thread": "Keras PyDataset threads",
+          "torch": "PyTorch DataLoader"}
+FIGURES = ("batches_per_s", "gb_per_s", "ttfb_s", "ttfb2_s", "stall_s", "startup_s", "connect_s",
+           "epoch1_batches_per_s", "epoch2_after_first_batches_per_s", "worker_uss",
+           "consumer_rss", "server_uss")
+MIB = 1 / 2**20
 BAR_GB_RATIO = 0.6
 BAR_SMALL_RATE = 15_000
 BAR_TTFB_S = 0.5
@@ -83,7 +87,7 @@ def medians(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (wl, contender), rs in groups.items():
         ok = [r for r in rs if "error" not in r]
         row: dict[str, Any] = {"workload": wl, "contender": contender, "nbytes": rs[0]["nbytes"],
-                               "cpu_us": rs[0]["cpu_us"], "reps": len(ok),
+                               "cpu_us": rs[0]["cpu_us"], "n": rs[0].get("n"), "reps": len(ok),
                                "errors": [r["error"] for r in rs if "error" in r]}
         for f in FIGURES:
             vals = [r[f] for r in ok if r.get(f) is not None]
@@ -106,8 +110,9 @@ def _f(v: float | None, fmt: str, scale: float = 1.0, suffix: str = "") -> str:
 def table(rows: list[dict[str, Any]], reps: int) -> list[str]:
     out = [
         f"| workload (batch, cpu) | contender | batches/s (median of {reps}) | GB/s "
-        "| vs inline | vs one-copy ring | time to first batch (ms) | epoch-end stall (ms) |",
-        "|---|---|--:|--:|--:|--:|--:|--:|",
+        "| vs inline | vs one-copy ring | first batch, epoch 1 (ms) | first batch, epoch 2 (ms) "
+        "| epoch-end stall (ms) | worker USS (MiB) | consumer RSS (MiB) |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         if r["batches_per_s"] is None:
@@ -120,7 +125,8 @@ def table(rows: list[dict[str, Any]], reps: int) -> list[str]:
             f"| {r['workload']} | {LABELS.get(r['contender'], r['contender'])} | {rate} "
             f"| {_f(r['gb_per_s'], '.2f')} | {_f(r['vs_inline'], '.2f', suffix='x')} "
             f"| {_f(r['vs_ring'], '.2f', suffix='x')} | {_f(r['ttfb_s'], '.1f', 1e3)} "
-            f"| {_f(r['stall_s'], '.1f', 1e3)} |"
+            f"| {_f(r['ttfb2_s'], '.2f', 1e3)} | {_f(r['stall_s'], '.2f', 1e3)} "
+            f"| {_f(r['worker_uss'], '.0f', MIB)} | {_f(r['consumer_rss'], '.0f', MIB)} |"
         )
     return out
 

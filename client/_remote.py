@@ -41,6 +41,8 @@ from dataserver.protocol import (
     Ready,
     Refused,
     Release,
+    StreamEnd,
+    Take,
     Want,
     Welcome,
     decode,
@@ -143,7 +145,11 @@ class RemoteSequence:
         self.dataset = w.dataset
         self.total = w.length  # batches in the whole epoch; len() is this shard's
         self._len = len(range(rank, w.length, world))
-        if not self._len:
+        self.stream = w.stream  # a generator dataset: no length, items in the order made
+        self._sbuf: deque[list[Any] | Failed] = deque()
+        self._outstanding = 0  # generator items asked for and not yet received
+        self._ended = False
+        if not self._len and not self.stream:
             self._finalizer()
             raise ValueError(f"shard {rank} of {world} is empty: the dataset has only "
                              f"{w.length} batches")
@@ -208,7 +214,13 @@ class RemoteSequence:
 
     def _handle(self, data: bytes) -> None:
         msg = decode(data)
-        if isinstance(msg, Ready):
+        if self.stream and isinstance(msg, (Ready, Failed)):
+            items = msg.items if isinstance(msg, Ready) else [msg]
+            self._sbuf.extend(items)
+            self._outstanding -= len(items)
+        elif isinstance(msg, StreamEnd):
+            self._ended = True
+        elif isinstance(msg, Ready):
             for item in msg.items:
                 self._route(item[0], item[1], item[2], item[3], item)
         elif isinstance(msg, Failed):
@@ -319,6 +331,24 @@ class RemoteSequence:
             g += stop - pos
         self._requested = limit
 
+    def _next_item(self) -> Any:
+        """The next generator item (StopIteration once the stream ended)."""
+        self._check_open()
+        self._take_more()
+        if not self._sbuf and not self._ended:
+            self._wait(lambda: bool(self._sbuf) or self._ended)
+        if not self._sbuf:
+            raise StopIteration
+        item = self._sbuf.popleft()
+        self._take_more()
+        return self._materialize(item)
+
+    def _take_more(self) -> None:
+        if not self._ended and self._outstanding <= self.prefetch // 2:
+            count = self.prefetch - self._outstanding
+            self._send(Take(count))
+            self._outstanding += count
+
     def _want(self, epoch: int, start: int, stop: int, urgent: bool) -> Want:
         """Ask for this shard's positions [start, stop) of ``epoch``."""
         rank, world = self.shard
@@ -356,6 +386,9 @@ class RemoteSequence:
     # --- the Sequence interface -------------------------------------------------------------
 
     def __len__(self) -> int:
+        if self.stream:
+            raise TypeError(f"dataset {self.dataset!r} is served from generators: it has no "
+                            "length; iterate it (items come in the order they are made)")
         return self._len
 
     @property
@@ -367,6 +400,8 @@ class RemoteSequence:
         """The batch at ``index``. Reading indices in order (0, 1, 2, ...) is prefetched;
         any other index is fetched on demand."""
         self._check_open()
+        if self.stream:
+            raise TypeError(f"dataset {self.dataset!r} is served from generators: iterate it")
         if not isinstance(index, (int, np.integer)) or isinstance(index, bool):
             raise TypeError(f"batch index must be an int, not {type(index).__name__}")
         i = int(index)
@@ -409,6 +444,8 @@ class RemoteSequence:
         Iterating again restarts the epoch, except right after ``resume=``, where the first
         iteration continues from the saved position."""
         self._check_open()
+        if self.stream:
+            return _StreamIterator(self)
         start = self._epoch * self._len
         if self._cursor != start and not self._resumed:
             self._skip_to(start)
@@ -416,8 +453,11 @@ class RemoteSequence:
         return _EpochIterator(self, self._epoch)
 
     def on_epoch_end(self) -> None:
-        """End this consumer's epoch: the next iteration reads the next epoch's order."""
+        """End this consumer's epoch: the next iteration reads the next epoch's order.
+        (A generator dataset has no epochs: nothing happens.)"""
         self._check_open()
+        if self.stream:
+            return
         end = (self._epoch + 1) * self._len
         if self._cursor < end:
             self._skip_to(end)
@@ -487,9 +527,10 @@ class RemoteSequence:
         if self._closed:
             return
         self._closed = True
-        for item in self._buffer.values():
+        for item in [*self._buffer.values(), *self._sbuf]:
             self._drop(item)
         self._buffer.clear()
+        self._sbuf.clear()
         for queue in self._fetched.values():
             for item in queue:
                 self._drop(item)
@@ -520,6 +561,19 @@ class RemoteSequence:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"epoch {self._epoch}"
         return f"<RemoteSequence {self.dataset!r} at {self.endpoint}: {self._len} batches, {state}>"
+
+
+class _StreamIterator:
+    """Items of a generator dataset in the order they are made, until every generator ends."""
+
+    def __init__(self, seq: RemoteSequence) -> None:
+        self.seq = seq
+
+    def __iter__(self) -> _StreamIterator:
+        return self
+
+    def __next__(self) -> Any:
+        return self.seq._next_item()
 
 
 class _EpochIterator:

@@ -40,12 +40,21 @@ class DataServer:
     """
 
     def __init__(self, sequence: Any = None, *, spec: str | dict[str, str] = "",
-                 args: dict[str, Any] | None = None, **options: Any) -> None:
-        if (sequence is None) == (not spec):
-            raise ConfigError("pass a Sequence object or spec='module:name', not both or neither")
+                 args: dict[str, Any] | None = None, generator: Any = None,
+                 **options: Any) -> None:
+        if sum(x is not None and x != "" for x in (sequence, spec, generator)) != 1:
+            raise ConfigError("pass one of: a Sequence object (or a dict of named ones), "
+                              "spec='module:name', generator=factory")
         self.config = ServerConfig.from_options(**options)
         self.source: dict[str, SequenceSource] = {}
-        if isinstance(sequence, dict):  # named datasets: {"train": Train(), "val": Val()}
+        if generator is not None:  # a factory (or "module:name"), called once per worker
+            gens = generator if isinstance(generator, dict) else {"default": generator}
+            self.source = {
+                name: SequenceSource(spec=g, kwargs=dict(args or {}), generator=True)
+                if isinstance(g, str) else
+                SequenceSource(obj=g, kwargs=dict(args or {}), generator=True)
+                for name, g in gens.items()}
+        elif isinstance(sequence, dict):  # named datasets: {"train": Train(), "val": Val()}
             self.source = {name: SequenceSource(obj=seq) for name, seq in sequence.items()}
         elif sequence is not None:
             self.source = {"default": SequenceSource(obj=sequence)}

@@ -26,12 +26,16 @@ def _size_or_auto(value: str) -> int | None:
 def add_serve_options(serve: argparse.ArgumentParser) -> None:
     """SPECs and every option of ``serve``; ``launch`` takes the very same, so the two can
     never drift apart."""
-    serve.add_argument("spec", metavar="SPEC", nargs="+",
+    serve.add_argument("spec", metavar="SPEC", nargs="*",
                        help="module:name of a Sequence instance, class or factory; several "
                             "named datasets as NAME=module:name (one pool serves them all)")
     serve.add_argument("--arg", action="append", default=[], metavar="[NAME.]KEY=VALUE",
                        help="argument for the class or factory (JSON where it parses); "
                             "NAME. limits it to one dataset")
+    serve.add_argument("--generator", action="append", default=[], metavar="[NAME=]SPEC",
+                       help="a dataset made by generators: each worker calls this factory once "
+                            "(worker_info() says which worker it is, to shard the stream); "
+                            "items come in the order made")
     serve.add_argument("--endpoint", default="",
                        help="ipc:///path.sock or tcp://127.0.0.1:PORT "
                             "(default: $DATASERVER_ENDPOINT or the private runtime directory)")
@@ -143,7 +147,7 @@ def _serve(args: argparse.Namespace) -> int:
         sys.path.insert(0, os.getcwd())  # like `python -m`: SPECs in the current directory
     names = {f.name for f in dataclasses.fields(ServerConfig)}
     config = ServerConfig(**{k: v for k, v in vars(args).items() if k in names})
-    server = Server(config, parse_specs(args.spec, args.arg))
+    server = Server(config, parse_specs(args.spec, args.arg, args.generator))
 
     def ready(endpoint: str) -> None:
         print(f"dataserver: ready at {endpoint}", flush=True)

@@ -67,8 +67,8 @@ class Pool:
         self.handles: dict[int, WorkerHandle] = {}  # by incarnation
         self._next = 0
 
-    def start(self, index: int) -> WorkerHandle:
-        spec = replace(self.template, worker=index, incarnation=self._next)
+    def start(self, index: int, skip: tuple[int, ...] = ()) -> WorkerHandle:
+        spec = replace(self.template, worker=index, incarnation=self._next, skip=skip)
         self._next += 1
         h = WorkerHandle(spec)
         if spec.kind == "process":

@@ -33,6 +33,7 @@ __all__ = [
     "Bye",
     "Done",
     "EpochEnd",
+    "Exhausted",
     "Failed",
     "Fetch",
     "Hello",
@@ -47,6 +48,8 @@ __all__ = [
     "Status",
     "StatusReply",
     "Stop",
+    "StreamEnd",
+    "Take",
     "Tasks",
     "UseRing",
     "Want",
@@ -220,11 +223,19 @@ class Status(Message):
     """Ask for the server's status snapshot (no Hello needed: ``dataserver status`` sends it)."""
 
 
+@_message(10, "uint")
+@dataclass(frozen=True, slots=True)
+class Take(Message):
+    """From a generator dataset: ``count`` more items, whichever are made first."""
+
+    count: int
+
+
 # --- server -> consumer --------------------------------------------------------------------
 
 
 @_message(20, "uint", "str", "str", "uint", "bool", "uint", "str", "str", "uint", "uint",
-          "uint", "uint", "uint", "float")
+          "uint", "uint", "uint", "float", "bool")
 @dataclass(frozen=True, slots=True)
 class Welcome(Message):
     version: int
@@ -241,6 +252,7 @@ class Welcome(Message):
     pid: int
     pidns: int
     heartbeat_s: float
+    stream: bool  # a generator dataset: items in the order made, no length
 
 
 @_message(21, "list")
@@ -290,6 +302,12 @@ class StatusReply(Message):
     """The status snapshot, a msgpack map (its schema is documented in docs/status.md)."""
 
     snapshot: bytes
+
+
+@_message(26)
+@dataclass(frozen=True, slots=True)
+class StreamEnd(Message):
+    """Every worker's generator is exhausted and every item was handed out: the stream ended."""
 
 
 # --- server <-> worker ---------------------------------------------------------------------
@@ -349,6 +367,14 @@ class Done(Message):
     nbytes: int
     layout: bytes
     busy_s: float
+
+
+@_message(54, "uint")
+@dataclass(frozen=True, slots=True)
+class Exhausted(Message):
+    """The worker's generator raised StopIteration instead of making batch ``bid``."""
+
+    bid: int
 
 
 @_message(53, "uint", "str", "str", "str")

@@ -47,6 +47,14 @@ class Dataset:
     seed: int = 0
     epoch_running: int = 0  # thread workers: the epoch the shared Sequence is in
     orders: OrderedDict[int, Sequence[int]] = field(default_factory=OrderedDict)
+    # generator datasets: items in production, made and not yet handed out, made per worker
+    # index (a replacement skips that many), and the worker indices whose generator ended
+    stream: bool = False
+    producing: int = 0
+    ready: deque[Entry] = field(default_factory=deque)
+    made: Counter[int] = field(default_factory=Counter)
+    exhausted: set[int] = field(default_factory=set)
+    next_item: int = 0
 
     def order(self, epoch: int) -> Sequence[int]:
         """Batch indices in the order of ``epoch``: identity, or a permutation derived from the
@@ -64,8 +72,8 @@ class Dataset:
 
 class Entry:
     __slots__ = ("attempts", "bid", "ds", "epoch", "index", "keep", "layout", "leases", "nbytes",
-                 "pos", "probe", "segment", "slot", "started", "state", "suspect", "urgent",
-                 "waiters", "worker")
+                 "pos", "probe", "segment", "slot", "started", "state", "stream", "suspect",
+                 "urgent", "waiters", "worker")
 
     def __init__(self, bid: int, ds: int, epoch: int, index: int) -> None:
         self.bid = bid
@@ -84,6 +92,7 @@ class Entry:
         self.waiters: list[tuple[bytes, int]] = []
         self.urgent = False
         self.pos = -1  # position in its epoch's order when a Want created it (-1: a Fetch)
+        self.stream = False  # an item of a generator dataset: handed to one consumer
         self.keep = False  # produced before anyone asked: kept until first delivered
         self.probe = False  # the slot-sizing batch: cached in its own segment like a slot
         self.suspect = False  # was queued on a worker that died: run it alone next time
@@ -101,6 +110,8 @@ class ConsumerState:
     epoch: int = 0
     position: int = 0
     gone: bool = False  # said Bye but still holds views (leases kept until its pid exits)
+    takes: int = 0  # generator items asked for and not yet handed over
+    ended: bool = False  # told that its generator dataset ended
     joined: float = field(default_factory=time.monotonic)
     seen: float = field(default_factory=time.monotonic)  # last message or heartbeat
     delivered: int = 0
@@ -152,6 +163,9 @@ class Scheduler:
         self.out_ready: dict[bytes, list[list[Any]]] = {}
         self.out_failed: list[tuple[bytes, Failed]] = []
         self.out_tasks: dict[int, list[list[int]]] = {}
+        self.out_ended: list[bytes] = []  # consumers to tell StreamEnd
+        self.worker_count = 0  # worker indices 0..worker_count-1 (generator datasets end when
+        # every index's generator has)
         self.to_unlink: list[str] = []
         self.stats: Counter[str] = Counter()
         self.largest_oversize = 0
@@ -163,7 +177,9 @@ class Scheduler:
     def probe(self, ds: int) -> Entry:
         """Make the first batch of epoch 0 before anyone asks (to size the slots); it is kept
         for the first consumer that wants it. A failure lands in ``probe_error``."""
-        e = self._entry(ds, 0, int(self.datasets[ds].order(0)[0]), 0)
+        d = self.datasets[ds]
+        # a generator's first item, or the first batch of epoch 0
+        e = self._stream_entry(ds) if d.stream else self._entry(ds, 0, int(d.order(0)[0]), 0)
         e.keep = e.probe = True
         return e
 
@@ -326,6 +342,13 @@ class Scheduler:
         e.layout = layout
         self.stats["produced"] += 1
         self.stats["bytes"] += nbytes
+        if e.stream:
+            d = self.datasets[e.ds]
+            d.producing -= 1
+            d.made[w.index] += 1
+            d.ready.append(e)
+            self._stream_fill(e.ds)
+            return
         self._deliver(e)
         self._maybe_free(e)
 
@@ -388,6 +411,80 @@ class Scheduler:
                     break
         return late
 
+    # --- generator datasets ----------------------------------------------------------------
+
+    def take(self, cid: bytes, count: int) -> str | None:
+        """The consumer wants ``count`` more items of its generator dataset."""
+        c = self.consumers.get(cid)
+        if c is None or c.gone:
+            return "Take before Hello; send Hello first"
+        d = self.datasets[c.ds]
+        if not d.stream:
+            return f"dataset {d.name!r} is a Sequence: ask for positions with Want"
+        if not 0 < count <= MAX_WANT_SPAN or c.takes + count > MAX_WAITING:
+            return f"Take of {count}: ask for 1..{MAX_WANT_SPAN} items at a time"
+        c.takes += count
+        self._stream_fill(c.ds)
+        return None
+
+    def _stream_fill(self, ds: int) -> None:
+        """Hand made items to consumers that asked (first asked, first served), start making
+        as many more as are asked for, and say StreamEnd once every generator ended."""
+        d = self.datasets[ds]
+        wanting = [c for c in self.consumers.values() if c.ds == ds and c.takes and not c.gone]
+        for c in wanting:
+            while c.takes and d.ready:
+                e = d.ready.popleft()
+                c.takes -= 1
+                c.leases[e.bid] += 1
+                c.delivered += 1
+                c.bytes += e.nbytes
+                e.leases += 1
+                offset = e.slot * self.slot_bytes if not e.segment else 0
+                self.out_ready.setdefault(c.cid, []).append(
+                    [0, e.index, e.index, e.bid, e.segment, offset, e.nbytes, e.layout])
+        live = self.worker_count - len(d.exhausted)
+        wanted = sum(c.takes for c in wanting)
+        while live > 0 and d.producing < wanted:
+            self._stream_entry(ds)
+        if live <= 0 and not d.producing and not d.ready:
+            for c in self.consumers.values():
+                if c.ds == ds and not c.ended and not c.gone:
+                    c.ended = True
+                    c.takes = 0
+                    self.out_ended.append(c.cid)
+
+    def _stream_entry(self, ds: int) -> Entry:
+        """Queue the making of the next item of generator dataset ``ds``."""
+        d = self.datasets[ds]
+        e = Entry(self._next_bid, ds, 0, d.next_item)
+        self._next_bid += 1
+        d.next_item += 1
+        d.producing += 1
+        e.stream = True
+        self.entries[ds, 0, e.index] = e
+        self.by_bid[e.bid] = e
+        self.pending.append(e)
+        return e
+
+    def exhausted(self, wid: int, bid: int) -> None:
+        """The worker's generator ended instead of making ``bid``."""
+        e = self._running(wid, bid)
+        if e is None:
+            return
+        d = self.datasets[e.ds]
+        d.producing -= 1
+        d.exhausted.add(self.workers[wid].index)
+        self._free_slot(e.slot)
+        self._forget(e)
+        if len(d.exhausted) >= self.worker_count:  # nobody left to make the queued ones
+            for p in [p for p in self.pending if p.stream and p.ds == e.ds and
+                      p.state == PENDING]:
+                p.state = READY  # skipped by dispatch; forgotten here
+                self._forget(p)
+                d.producing -= 1
+        self._stream_fill(e.ds)
+
     # --- dispatch ---------------------------------------------------------------------------
 
     def _depth(self) -> int:
@@ -398,11 +495,13 @@ class Scheduler:
             return MIN_DEPTH
         return max(MIN_DEPTH, min(self.depth, 1 + int(QUEUE_S / self.busy_s)))
 
-    def _pick_worker(self, depth: int, alone: bool) -> WorkerState | None:
-        """The least loaded ready worker with room; an idle one if the task must run alone."""
+    def _pick_worker(self, depth: int, alone: bool,
+                     skip: set[int] | None = None) -> WorkerState | None:
+        """The least loaded ready worker with room; an idle one if the task must run alone;
+        none whose index is in ``skip`` (its generator ended)."""
         best = None
         for w in self.workers.values():
-            if (not w.ready or w.isolated or w.retiring
+            if (not w.ready or w.isolated or w.retiring or (skip and w.index in skip)
                     or len(w.inflight) >= (1 if alone else depth)):
                 continue
             if best is None or len(w.inflight) < len(best.inflight):
@@ -417,7 +516,7 @@ class Scheduler:
             if e.state != PENDING:
                 self.pending.popleft()
                 continue
-            if not e.waiters and not e.keep:
+            if not e.waiters and not e.keep and not e.stream:
                 self.pending.popleft()
                 self._forget(e)
                 continue
@@ -429,7 +528,7 @@ class Scheduler:
                 if self.on_epoch_advance is not None:
                     self.on_epoch_advance(e.ds, e.epoch)
                 d.epoch_running = e.epoch
-            w = self._pick_worker(depth, e.suspect)
+            w = self._pick_worker(depth, e.suspect, d.exhausted if e.stream else None)
             if w is None:
                 return
             if self.free_slots:
@@ -540,6 +639,14 @@ class Scheduler:
         return -1
 
     def _maybe_free(self, e: Entry) -> None:
+        if e.stream:
+            if e.state == READY and e.leases <= 0 and e not in self.datasets[e.ds].ready:
+                if e.segment:
+                    self.to_unlink.append(e.segment)
+                else:
+                    self._free_slot(e.slot)
+                self._forget(e)
+            return
         if e.state == READY and e.leases <= 0 and not e.waiters and not e.keep:
             if e.segment and not e.probe:
                 self.to_unlink.append(e.segment)

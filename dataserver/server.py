@@ -43,6 +43,7 @@ from dataserver.protocol import (
     Bye,
     Done,
     EpochEnd,
+    Exhausted,
     Fetch,
     Hello,
     Message,
@@ -56,6 +57,8 @@ from dataserver.protocol import (
     Status,
     StatusReply,
     Stop,
+    StreamEnd,
+    Take,
     Tasks,
     UseRing,
     Want,
@@ -139,9 +142,16 @@ class Server:
         self.rundir = shm.private_dir(shm.private_dir(shm.runtime_root()) / self.server_id)
         datasets = []
         for name, source in self.sources.items():
+            if source.generator:  # made by each worker from the factory; no length
+                self.seqs.append(source.factory())
+                datasets.append(Dataset(name, 0, stream=True))
+                continue
             seq = source.load()
             self.seqs.append(seq)
             datasets.append(Dataset(name, checked_len(seq, source.name), cfg.shuffle, cfg.seed))
+        if cfg.worker_type == "thread" and any(d.stream for d in datasets):
+            raise ConfigError("--generator needs process workers: each worker runs a generator "
+                              "of its own (use --worker-type process)")
         thread = cfg.worker_type == "thread"
         self.sched = Scheduler(
             datasets, max_retries=cfg.max_retries, depth=WORKER_QUEUE_DEPTH, barrier=thread,
@@ -174,6 +184,7 @@ class Server:
             on_epoch_end=not thread, log_level=logging.getLevelName(log.getEffectiveLevel()),
         )
         self.pool = Pool(template, cfg.start_method)
+        self.sched.worker_count = cfg.workers
         for i in range(cfg.workers):
             self._start_worker(i)
         deadline = time.monotonic() + cfg.startup_timeout
@@ -250,7 +261,9 @@ class Server:
         sched = self.sched
         assert sched is not None
         probes = [sched.probe(ds) for ds in range(len(sched.datasets))]
-        self._run_until(lambda: all(e.state == READY for e in probes)
+        # (a generator that ends at once makes nothing: its probe is forgotten)
+        self._run_until(lambda: all(e.state == READY or e.bid not in sched.by_bid
+                                    for e in probes)
                         or sched.probe_error is not None, deadline,
                         "make the first batches to size the slots")
         if sched.probe_error is not None:
@@ -258,7 +271,7 @@ class Server:
                 f"{self.name}: batch 0 (made to size the ring slots) failed: "
                 f"{sched.probe_error}\nFix the Sequence, or pass --slot-bytes to skip sizing"
             )
-        largest = max(e.nbytes for e in probes)
+        largest = max((e.nbytes for e in probes if e.state == READY), default=1 << 20)
         self._make_ring(max(int(largest * SLOT_HEADROOM), largest + 4096))
 
     @property
@@ -283,7 +296,8 @@ class Server:
 
     def _start_worker(self, index: int) -> None:
         assert self.pool is not None and self.sched is not None
-        h = self.pool.start(index)
+        # a replacement skips the items its predecessor made from its generator
+        h = self.pool.start(index, tuple(d.made[index] for d in self.sched.datasets))
         self.sched.add_worker(WorkerState(h.spec.incarnation, index, pid=h.pid or os.getpid()))
         if h.sentinel is not None:
             self._sentinels[h.sentinel] = h.spec.incarnation
@@ -349,6 +363,9 @@ class Server:
         for cid, failed in sched.out_failed:
             self.clients.send_multipart([cid, encode(failed)])
         sched.out_failed.clear()
+        for cid in sched.out_ended:
+            self.clients.send_multipart([cid, encode(StreamEnd())])
+        sched.out_ended.clear()
         for name in sched.to_unlink:
             shm.unlink(self.shm_dir / name)
         sched.to_unlink.clear()
@@ -379,6 +396,8 @@ class Server:
                              time.monotonic())
             if msg.segment and not self._warned_oversize:
                 self._maybe_warn_oversize(time.monotonic())
+        elif isinstance(msg, Exhausted):
+            sched.exhausted(wid, msg.bid)
         elif isinstance(msg, Raised):
             sched.raised(wid, msg.bid, msg.type_name, msg.message, msg.traceback)
         elif isinstance(msg, WorkerReady):
@@ -492,6 +511,8 @@ class Server:
             return None
         if isinstance(msg, Want):
             return sched.want(cid, msg.epoch, msg.start, msg.stop, msg.step, msg.urgent)
+        if isinstance(msg, Take):
+            return sched.take(cid, msg.count)
         if isinstance(msg, Release):
             return sched.release(cid, msg.bids)
         if isinstance(msg, Fetch):
@@ -537,7 +558,7 @@ class Server:
         self.clients.send_multipart([cid, encode(Welcome(
             VERSION, self.server_id, d.name, d.length, d.shuffle, d.seed,
             str(self.shm_dir), self.ring_name, sched.slot_bytes, sched.slots, self.prefetch,
-            os.getpid(), pid_namespace(), HEARTBEAT_S,
+            os.getpid(), pid_namespace(), HEARTBEAT_S, d.stream,
         ))])
         return None
 

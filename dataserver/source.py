@@ -76,11 +76,16 @@ def parse_args(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def parse_specs(specs: list[str], args: list[str]) -> dict[str, SequenceSource]:
+def parse_specs(specs: list[str], args: list[str],
+                generators: list[str] | None = None) -> dict[str, SequenceSource]:
     """``["train=m:Train", "val=m:Val"]`` (or one bare ``m:Seq``, named "default") with
-    ``--arg`` pairs, ``key=value`` for every dataset or ``NAME.key=value`` for one."""
+    ``--arg`` pairs, ``key=value`` for every dataset or ``NAME.key=value`` for one;
+    ``generators`` are SPECs of generator factories, named the same way."""
+    if not specs and not generators:
+        raise ConfigError("name at least one SPEC (module:Sequence) or --generator module:factory")
     named: dict[str, str] = {}
-    for item in specs:
+    kinds: dict[str, bool] = {}
+    for item, gen in [(x, False) for x in specs] + [(x, True) for x in generators or []]:
         name, sep, spec = item.partition("=")
         if not sep:
             name, spec = "default", item
@@ -89,6 +94,7 @@ def parse_specs(specs: list[str], args: list[str]) -> dict[str, SequenceSource]:
         if name in named:
             raise ConfigError(f"dataset {name!r} is named twice; name each SPEC: NAME=module:obj")
         named[name] = spec
+        kinds[name] = gen
     common: list[str] = []
     own: dict[str, list[str]] = {name: [] for name in named}
     for pair in args:
@@ -100,7 +106,8 @@ def parse_specs(specs: list[str], args: list[str]) -> dict[str, SequenceSource]:
             own[prefix].append(pair[len(prefix) + 1:])
         else:
             common.append(pair)
-    return {name: SequenceSource(spec=spec, kwargs=parse_args(common + own[name]))
+    return {name: SequenceSource(spec=spec, kwargs=parse_args(common + own[name]),
+                                 generator=kinds[name])
             for name, spec in named.items()}
 
 
@@ -116,18 +123,45 @@ class SequenceSource:
     spec: str = ""
     kwargs: dict[str, Any] = field(default_factory=dict)
     obj: Any = None
+    generator: bool = False  # spec names a factory of one generator per worker
 
     @property
     def name(self) -> str:
         return self.spec or type(self.obj).__qualname__
 
     def load(self) -> Any:
+        if self.generator:
+            return self.stream()
         if self.obj is not None:
             return self.obj
         return load_spec(self.spec, self.kwargs)
 
+    def factory(self) -> Any:
+        """The generator factory (checked to be callable), without calling it."""
+        target = self.obj if self.obj is not None else resolve(self.spec)
+        if not callable(target):
+            raise ConfigError(f"--generator {self.name}: {type(target).__name__} is not a "
+                              "callable that returns a generator")
+        return target
+
+    def stream(self) -> Any:
+        """A fresh iterator from the factory: each worker gets its own."""
+        try:
+            return iter(self.factory()(**self.kwargs))
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"--generator {self.name}: calling it raised "
+                              f"{type(exc).__name__}: {exc}") from None
+
 
 def load_spec(spec: str, kwargs: dict[str, Any]) -> Any:
+    target = resolve(spec)
+    return _instantiate(spec, target, kwargs)
+
+
+def resolve(spec: str) -> Any:
+    """The object a ``module:name`` SPEC names (imported, not called)."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(
@@ -151,6 +185,10 @@ def load_spec(spec: str, kwargs: dict[str, Any]) -> Any:
             target = getattr(target, part)
         except AttributeError:
             raise ConfigError(f"SPEC {spec}: {module_name} has no attribute {attr!r}") from None
+    return target
+
+
+def _instantiate(spec: str, target: Any, kwargs: dict[str, Any]) -> Any:
     if _is_sequence(target):
         if kwargs:
             raise ConfigError(

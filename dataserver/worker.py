@@ -32,6 +32,7 @@ from dataserver.alloc import empty, full, slot_allocation, zeros
 from dataserver.errors import SharedMemoryError
 from dataserver.protocol import (
     Done,
+    Exhausted,
     Raised,
     StartFailed,
     Stop,
@@ -62,6 +63,7 @@ class WorkerSpec:
     parent_pid: int
     on_epoch_end: bool  # call the Sequence's on_epoch_end here (process workers)
     log_level: str = "WARNING"
+    skip: tuple[int, ...] = ()  # per dataset: generator items a predecessor already made
 
 
 def _die_with_parent() -> None:
@@ -101,6 +103,14 @@ class _Worker:
         t0 = time.perf_counter()
         seq = self.seqs[ds]
         try:
+            region = self.slot_region(slot)
+            if spec.sources[ds].generator:
+                with slot_allocation(region) as allocated:
+                    try:
+                        batch = next(seq)
+                    except StopIteration:
+                        return encode(Exhausted(bid))
+                return self.finish(bid, index, slot, batch, t0, allocated)
             if spec.on_epoch_end:
                 while self.epochs[ds] < epoch and hasattr(seq, "on_epoch_end"):
                     self.epochs[ds] += 1
@@ -108,12 +118,23 @@ class _Worker:
                                                spec.kind), spec.kind == "thread")
                     seq.on_epoch_end()
             self.epochs[ds] = max(self.epochs[ds], epoch)
-            region = None
-            if slot >= 0 and self.ring_array is not None:
-                start = slot * self.slot_bytes
-                region = self.ring_array[start : start + self.slot_bytes]
             with slot_allocation(region) as allocated:
                 batch = seq[index]
+            return self.finish(bid, index, slot, batch, t0, allocated)
+        except Exception as exc:  # MemoryError too: the batch failed, the worker goes on
+            return encode(Raised(bid, *_error_fields(exc)))
+
+    def slot_region(self, slot: int) -> np.ndarray[Any, Any] | None:
+        if slot < 0 or self.ring_array is None:
+            return None
+        start = slot * self.slot_bytes
+        return self.ring_array[start : start + self.slot_bytes]
+
+    def finish(self, bid: int, index: int, slot: int, batch: Any, t0: float,
+               allocated: Any = None) -> bytes:
+        """Lay the batch out, write it into its slot (or a one-off segment); the answer."""
+        try:
+            region = self.slot_region(slot)
             if batch is None:
                 raise layout.BatchFormatError(
                     f"batch {index}: __getitem__ returned None; return the batch, e.g. (x, y)"
@@ -186,12 +207,15 @@ def worker_main(spec: WorkerSpec) -> None:
     sock.connect(spec.address)
     worker: _Worker | None = None
     try:
+        set_worker_info(WorkerInfo(spec.worker, spec.count, 0, spec.kind), not process)
         try:
             seqs = [source.load() for source in spec.sources]
+            for ds, skip in enumerate(spec.skip):  # a replacement resumes its generators
+                for _ in range(skip if spec.sources[ds].generator else 0):
+                    next(seqs[ds], None)
         except BaseException as exc:
             sock.send(encode(StartFailed(spec.incarnation, *_error_fields(exc))))
             return
-        set_worker_info(WorkerInfo(spec.worker, spec.count, 0, spec.kind), not process)
         sock.send(encode(WorkerReady(spec.incarnation, os.getpid())))
         worker = _Worker(spec, sock, seqs)
         worker.serve()

@@ -270,3 +270,38 @@ class RaisesMemoryError(Indexed):
         if i == 2:
             raise MemoryError("cannot allocate 80 GiB for the decoded video")
         return super().__getitem__(i)
+
+
+def sharded_items(n: int = 40, rows: int = 4) -> Any:
+    """A finite generator factory: worker k of K yields items k, k+K, ... below n."""
+    from dataserver import worker_info
+
+    info = worker_info()
+    k, count = (info.id, info.count) if info else (0, 1)
+    for i in range(k, n, count):
+        time.sleep(0.002)
+        yield np.full((rows, 4), i, np.float32), np.array([i], np.int64)
+
+
+def endless(rows: int = 4) -> Any:
+    """An infinite generator factory (each worker counts from its id, stepping by the count)."""
+    from dataserver import worker_info
+
+    info = worker_info()
+    i, step = (info.id, info.count) if info else (0, 1)
+    while True:
+        yield np.full((rows, 4), i, np.float32), np.array([i], np.int64)
+        i += step
+
+
+def dies_once_items(n: int, marker: str) -> Any:
+    """Finite and deterministic; the worker making item 7 dies the first time."""
+    from dataserver import worker_info
+
+    info = worker_info()
+    k, count = (info.id, info.count) if info else (0, 1)
+    for i in range(k, n, count):
+        if i == 7 and not os.path.exists(marker):
+            open(marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield np.full((4, 4), i, np.float32), np.array([i], np.int64)
