@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default: $DATASERVER_ENDPOINT or the default socket")
     status.add_argument("--json", action="store_true", help="stable JSON (docs/status.md)")
     status.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS")
+    status.add_argument("--stacks", action="store_true",
+                        help="also show the Python stack of every worker (find a stuck "
+                             "__getitem__)")
 
     top = sub.add_parser("top", help="the status view refreshed live, with a memory trend per "
                                      "worker, until Ctrl-C",
@@ -194,7 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from dataserver.config import default_endpoint
             from dataserver.status import run_status
 
-            return run_status(args.endpoint or default_endpoint(), args.json, args.timeout)
+            return run_status(args.endpoint or default_endpoint(), args.json, args.timeout,
+                              args.stacks)
         if args.command == "top":
             from dataserver.config import default_endpoint
             from dataserver.top import run_top

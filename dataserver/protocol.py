@@ -44,6 +44,7 @@ __all__ = [
     "Ready",
     "Refused",
     "Release",
+    "Stacks",
     "StartFailed",
     "Status",
     "StatusReply",
@@ -229,6 +230,12 @@ class Take(Message):
     """From a generator dataset: ``count`` more items, whichever are made first."""
 
     count: int
+
+
+@_message(11)
+@dataclass(frozen=True, slots=True)
+class Stacks(Message):
+    """Ask for the status snapshot plus the Python stack of every worker."""
 
 
 # --- server -> consumer --------------------------------------------------------------------

@@ -19,8 +19,10 @@ import os
 import secrets
 import shutil
 import signal
+import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +55,7 @@ from dataserver.protocol import (
     Ready,
     Refused,
     Release,
+    Stacks,
     StartFailed,
     Status,
     StatusReply,
@@ -69,7 +72,7 @@ from dataserver.protocol import (
 )
 from dataserver.scheduler import READY, ConsumerState, Dataset, Scheduler, WorkerState
 from dataserver.source import SequenceSource, checked_len
-from dataserver.worker import WorkerSpec
+from dataserver.worker import WorkerSpec, stack_file
 
 __all__ = ["DATASET", "Server"]
 
@@ -81,6 +84,7 @@ WORKER_QUEUE_DEPTH = 2
 MAX_START_FAILURES = 3
 OVERSIZE_WARN_INTERVAL_S = 30.0
 RETIRE_GRACE_S = 30.0
+STACKS_TIMEOUT_S = 1.0
 #: Memory samples (one per new batch, at most two a second) that must all rise to warn.
 GROWTH_SAMPLES = 10
 GROWTH_MIN_BYTES = 32 << 20
@@ -472,6 +476,42 @@ class Server:
             table.pop(inc, None)
         self.growing.discard(inc)
 
+    def _stacks(self) -> dict[str, str]:
+        """Every worker's Python stacks, by worker index: process workers dump theirs on
+        SIGUSR1 (faulthandler, works even inside C code); thread workers are read here."""
+        assert self.pool is not None and self.rundir is not None
+        out: dict[str, str] = {}
+        asked: dict[str, tuple[Path, int]] = {}
+        for inc, h in self.pool.handles.items():
+            index = h.spec.worker
+            key = str(index) if inc == self._current(index) else f"{index} (retiring, #{inc})"
+            if h.process is not None and h.pid:
+                path = Path(stack_file(h.spec.address, inc))
+                size = path.stat().st_size if path.exists() else 0
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(h.pid, signal.SIGUSR1)
+                    asked[key] = (path, size)
+            elif h.thread is not None and h.thread.ident is not None:
+                frame = sys._current_frames().get(h.thread.ident)
+                out[key] = "".join(traceback.format_stack(frame)) if frame else "(no frame)"
+        deadline = time.monotonic() + STACKS_TIMEOUT_S
+        while asked and time.monotonic() < deadline:
+            for key, (path, size) in list(asked.items()):
+                if path.exists() and path.stat().st_size > size:
+                    time.sleep(0.02)  # let faulthandler finish writing
+                    with open(path) as f:
+                        f.seek(size)
+                        out[key] = f.read()
+                    del asked[key]
+            time.sleep(0.01)
+        for key in asked:
+            out[key] = f"(no stack within {STACKS_TIMEOUT_S:g} s: the worker may be stopped)"
+        return out
+
+    def _current(self, index: int) -> int:
+        assert self.sched is not None
+        return max((w.wid for w in self.sched.workers.values() if w.index == index), default=-1)
+
     def _drop_sentinel(self, fd: int | None) -> None:
         if fd is not None and self._sentinels.pop(fd, None) is not None:
             self.poller.unregister(fd)
@@ -520,8 +560,11 @@ class Server:
         if isinstance(msg, Ping):
             self.clients.send_multipart([cid, encode(Pong())])
             return None
-        if isinstance(msg, Status):
-            snapshot = msgpack.packb(self.monitor.snapshot(self), use_bin_type=True)
+        if isinstance(msg, (Status, Stacks)):
+            snap = self.monitor.snapshot(self)
+            if isinstance(msg, Stacks):
+                snap["stacks"] = self._stacks()
+            snapshot = msgpack.packb(snap, use_bin_type=True)
             self.clients.send_multipart([cid, encode(StatusReply(snapshot))])
             return None
         if isinstance(msg, EpochEnd):

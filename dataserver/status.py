@@ -10,20 +10,21 @@ import msgpack
 import zmq
 
 from dataserver.errors import ProtocolError, ServerUnavailable
-from dataserver.protocol import Refused, Status, StatusReply, decode, encode
+from dataserver.protocol import Refused, Stacks, Status, StatusReply, decode, encode
 from dataserver.shm import format_bytes
 
 __all__ = ["fetch_status", "render", "run_status"]
 
 
-def fetch_status(endpoint: str, timeout: float = 3.0) -> dict[str, Any]:
-    """The server's snapshot, or ServerUnavailable if nothing answers within ``timeout``."""
+def fetch_status(endpoint: str, timeout: float = 3.0, stacks: bool = False) -> dict[str, Any]:
+    """The server's snapshot (with every worker's Python stack under "stacks" if ``stacks``),
+    or ServerUnavailable if nothing answers within ``timeout``."""
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(endpoint)
-        sock.send(encode(Status()))
+        sock.send(encode(Stacks() if stacks else Status()))
         if not sock.poll(int(timeout * 1000)):
             raise ServerUnavailable(f"no dataserver answered at {endpoint} within {timeout:g} s")
         msg = decode(sock.recv())
@@ -81,9 +82,9 @@ def render(snap: dict[str, Any]) -> Any:
     return Group(head, workers, consumers)
 
 
-def run_status(endpoint: str, as_json: bool, timeout: float) -> int:
+def run_status(endpoint: str, as_json: bool, timeout: float, stacks: bool = False) -> int:
     try:
-        snap = fetch_status(endpoint, timeout)
+        snap = fetch_status(endpoint, timeout, stacks)
     except (ServerUnavailable, ProtocolError) as exc:
         print(f"dataserver status: {exc}", file=sys.stderr)
         return 1
@@ -93,5 +94,9 @@ def run_status(endpoint: str, as_json: bool, timeout: float) -> int:
         return 0
     from rich.console import Console
 
-    Console().print(render(snap))
+    console = Console()
+    console.print(render(snap))
+    for worker, text in snap.get("stacks", {}).items():
+        console.rule(f"worker {worker}")
+        console.print(text.rstrip(), markup=False, highlight=False)
     return 0

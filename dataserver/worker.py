@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import faulthandler
 import logging
 import os
 import signal
@@ -44,7 +45,7 @@ from dataserver.protocol import (
 )
 from dataserver.source import SequenceSource, WorkerInfo, set_worker_info
 
-__all__ = ["WorkerSpec", "empty", "full", "worker_main", "zeros"]
+__all__ = ["WorkerSpec", "empty", "full", "stack_file", "worker_main", "zeros"]
 
 POLL_INTERVAL_S = 0.5
 log = logging.getLogger("dataserver.worker")
@@ -190,12 +191,21 @@ class _Worker:
                 self.sock.send(self.run_task(*queue.popleft()))
 
 
+def stack_file(address: str, incarnation: int) -> str:
+    """Where process worker ``incarnation`` dumps its stacks: beside the worker socket."""
+    return os.path.join(os.path.dirname(address[len("ipc://"):]), f"stacks-{incarnation}.txt")
+
+
 def worker_main(spec: WorkerSpec) -> None:
     """Entry point of a worker process or thread."""
     process = spec.kind == "process"
+    stacks = None
     if process:
         _die_with_parent()
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when workers stop
+        # `dataserver status --stacks`: SIGUSR1 dumps every thread's Python stack to this file
+        stacks = open(stack_file(spec.address, spec.incarnation), "w")  # noqa: SIM115
+        faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
         logging.basicConfig(
             level=spec.log_level,
             format=f"[worker {spec.worker}/{spec.count} pid {os.getpid()}] %(message)s",
@@ -220,6 +230,9 @@ def worker_main(spec: WorkerSpec) -> None:
         worker = _Worker(spec, sock, seqs)
         worker.serve()
     finally:
+        if stacks is not None:
+            faulthandler.unregister(signal.SIGUSR1)
+            stacks.close()
         if worker is not None and worker.ring is not None:
             worker.ring_array = None
             worker.ring.close()

@@ -86,3 +86,33 @@ def test_a_stuck_batch_is_flagged_then_replaced(serve: Any, tmp_path: Path) -> N
         assert stuck[0]["batch"] == 3 and stuck[0]["batch_seconds"] > 0.3
         got += [int(y[0]) for _x, y in it]
     assert got == list(range(12))
+
+
+@pytest.mark.parametrize("worker_type", ["process", "thread"])
+def test_status_stacks_find_a_stuck_getitem(serve: Any, tmp_path: Path,
+                                            worker_type: str) -> None:
+    import subprocess
+    import sys
+
+    server = serve(seqs.Hangs(8, 2, str(tmp_path / "hung")), workers=1, worker_type=worker_type,
+                   hang_threshold=0.2, batch_timeout=30 if worker_type == "process" else None)
+    with RemoteSequence(server.endpoint) as seq:
+        it = iter(seq)
+        next(it)
+        next(it)
+        wait_for(lambda: any(w["stuck"] for w in fetch_status(server.endpoint)["workers"]),
+                 "the stuck batch")
+        stacks = fetch_status(server.endpoint, stacks=True)["stacks"]
+        assert list(stacks) == ["0"]
+        assert "seqs.py" in stacks["0"] and "__getitem__" in stacks["0"], stacks["0"]
+        out = subprocess.run([sys.executable, "-m", "dataserver", "status", "--stacks",
+                              "--endpoint", server.endpoint], capture_output=True, text=True,
+                             timeout=30)
+        assert out.returncode == 0 and "worker 0" in out.stdout and "__getitem__" in out.stdout
+        if worker_type == "process":  # the hung worker is killed at its deadline; go on
+            server_pid = server.pid
+            import psutil
+
+            for child in psutil.Process(server_pid).children():
+                child.kill()
+            assert [int(y[0]) for _x, y in it] == list(range(2, 8))
