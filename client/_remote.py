@@ -20,6 +20,7 @@ import zmq
 from dataserver import layout, shm
 from dataserver._proc import pid_alive, pid_namespace
 from dataserver.config import default_endpoint
+from dataserver.curve import client_keys, secure_client
 from dataserver.errors import (
     ClosedError,
     ProtocolError,
@@ -43,6 +44,7 @@ from dataserver.protocol import (
     Release,
     StreamEnd,
     Take,
+    UseFrames,
     Want,
     Welcome,
     decode,
@@ -64,11 +66,12 @@ def _close_socket(sock: zmq.Socket[bytes], ctx: zmq.Context[zmq.Socket[bytes]],
 
 
 def _heartbeats(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, identity: bytes,
-                interval: float, stop: threading.Event) -> None:
+                interval: float, stop: threading.Event, curve: Any) -> None:
     """Tell the server this consumer lives, from a thread of its own: a training step may keep
     the main thread away from the client for minutes."""
     sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    secure_client(sock, curve)
     sock.connect(endpoint)
     try:
         while not stop.wait(interval):
@@ -93,6 +96,12 @@ class RemoteSequence:
             The shards of one epoch cover every batch exactly once, and every rank sees the
             same permutation when the server shuffles.
         resume: a :meth:`state` saved earlier: continue from exactly the next batch.
+        transport: "shm" (map the server's shared memory: zero copies), "frames" (the batch
+            bytes travel as ZeroMQ frames: for a consumer on another host or without the
+            server's /dev/shm), or "auto" (default: shm if this process sees the server's
+            ring file, else frames).
+        curve_keys: a folder made by ``dataserver keys`` (default ``$DATASERVER_CURVE_KEYS``)
+            for a server started with ``--curve-keys``: encrypted, authenticated.
 
     States: open -> closed (``close()``, or leaving a ``with`` block). A RemoteSequence is
     used from one thread at a time.
@@ -101,6 +110,7 @@ class RemoteSequence:
     def __init__(self, endpoint: str | None = None, *, dataset: str = "default",
                  copy: bool = False, timeout: float = 30.0, prefetch: int | None = None,
                  shard: tuple[int, int] | None = None, resume: dict[str, Any] | None = None,
+                 transport: str = "auto", curve_keys: str | None = None,
                  name: str = "") -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be positive seconds, got {timeout}")
@@ -125,6 +135,8 @@ class RemoteSequence:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDHWM, 0)
         self._sock.setsockopt(zmq.RCVHWM, 0)
+        self._curve = client_keys(curve_keys)
+        secure_client(self._sock, self._curve)
         self._sock.connect(self.endpoint)
         self._beating = threading.Event()
         self._finalizer = weakref.finalize(self, _close_socket, self._sock, self._ctx,
@@ -165,9 +177,14 @@ class RemoteSequence:
         if not same_host:  # the server cannot see our pid: tell it we are alive
             threading.Thread(target=_heartbeats, name="dataserver-heartbeat", daemon=True,
                              args=(self._ctx, self.endpoint, self._identity, w.heartbeat_s,
-                                   self._beating)).start()
+                                   self._beating, self._curve)).start()
         self._shm_dir = Path(w.shm_dir)
-        self._ring = shm.attach(self._shm_dir / w.ring, writable=False) if w.ring else None
+        self.transport = self._choose_transport(transport, w)
+        self._ring = None
+        if self.transport == "shm" and w.ring:
+            self._ring = shm.attach(self._shm_dir / w.ring, writable=False)
+        else:
+            self._send(UseFrames())
         self._release_batch = max(1, (self.slots - self.prefetch) // 2)
         self._epoch = 0
         self._cursor = 0  # global position (epoch * len + pos) of the next batch to yield
@@ -175,6 +192,18 @@ class RemoteSequence:
         self._resumed = False
         if resume is not None:
             self._resume(resume)
+
+    def _choose_transport(self, transport: str, w: Welcome) -> str:
+        if transport not in ("auto", "shm", "frames"):
+            self._finalizer()
+            raise ValueError(f"transport must be auto, shm or frames, got {transport!r}")
+        if transport != "auto":
+            return transport
+        try:
+            st = os.stat(Path(w.shm_dir) / w.ring)
+        except OSError:
+            return "frames"
+        return "shm" if f"{st.st_dev}:{st.st_ino}" == w.ring_id else "frames"
 
     # --- handshake and messages -------------------------------------------------------------
 
@@ -212,8 +241,13 @@ class RemoteSequence:
             bids.append(bid)
         self._send(Release(bids))
 
-    def _handle(self, data: bytes) -> None:
+    def _handle(self, data: bytes, frames: list[Any] | None = None) -> None:
         msg = decode(data)
+        if frames:  # frames transport: each Ready item's bytes follow it
+            if not isinstance(msg, Ready) or len(frames) != len(msg.items):
+                raise ProtocolError("batch frames do not match the Ready message")
+            for item, frame in zip(msg.items, frames, strict=True):
+                item.append(frame)
         if self.stream and isinstance(msg, (Ready, Failed)):
             items = msg.items if isinstance(msg, Ready) else [msg]
             self._sbuf.extend(items)
@@ -251,7 +285,7 @@ class RemoteSequence:
             self._buffer[g] = item
 
     def _drop(self, item: list[Any] | Failed) -> None:
-        if not isinstance(item, Failed):
+        if not isinstance(item, Failed) and len(item) == 8:  # (frames items hold no lease)
             self._releases.append((-1, item[3]))
 
     def _wait(self, ready: Callable[[], bool], urgent: Want | None = None) -> None:
@@ -264,10 +298,10 @@ class RemoteSequence:
             if self._sock.poll(POLL_SLICE_MS):
                 while True:
                     try:
-                        data = self._sock.recv(zmq.NOBLOCK)
+                        parts = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    self._handle(data)
+                    self._handle(parts[0].bytes, parts[1:])
                 heard = time.monotonic()
                 continue
             now = time.monotonic()
@@ -292,7 +326,9 @@ class RemoteSequence:
     def _materialize(self, item: list[Any] | Failed) -> Any:
         if isinstance(item, Failed):
             raise _error(item)
-        _epoch, _pos, _index, bid, segment, offset, nbytes, lay = item
+        _epoch, _pos, _index, bid, segment, offset, nbytes, lay = item[:8]
+        if len(item) > 8:  # frames transport: the bytes came with the message; no lease here
+            return layout.build(lay, np.frombuffer(item[8].buffer, np.uint8), copy=self.copy)
         if segment:
             mm = shm.attach(self._shm_dir / segment, writable=False).mm
         else:

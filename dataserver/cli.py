@@ -58,6 +58,9 @@ def add_serve_options(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--consumer-timeout", type=float, default=10.0, metavar="SECONDS",
                        help="reclaim the leases of a consumer in another pid namespace that "
                             "sent no heartbeat for this long")
+    serve.add_argument("--curve-keys", default=None, metavar="DIR",
+                       help="encrypt and authenticate consumers with ZeroMQ CURVE (keys from "
+                            "`dataserver keys DIR`); required for tcp beyond loopback")
     serve.add_argument("--insecure", action="store_true",
                        help="allow a tcp endpoint beyond loopback without authentication")
     serve.add_argument("--max-worker-memory", default=None, metavar="SIZE",
@@ -115,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=2)
 
     sub.add_parser("cleanup", help="remove shared memory and sockets left by dead servers")
+
+    keys = sub.add_parser("keys", help="make CURVE key pairs for --curve-keys")
+    keys.add_argument("directory", metavar="DIR")
 
     status = sub.add_parser("status", help="one snapshot of a server: workers, memory, ring, "
                                            "consumers (exit 0 if it answers: a health check)")
@@ -204,6 +210,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from dataserver.top import run_top
 
             return run_top(args.endpoint or default_endpoint(), args.interval, args.timeout)
+        if args.command == "keys":
+            from dataserver.curve import make_keys
+
+            for made in make_keys(args.directory):
+                print(f"made {made}")
+            print(f"dataserver keys: server and consumer keys in {args.directory}; copy "
+                  "server.key and client.key_secret (and client.key) to the trainer's host")
+            return 0
         if args.command == "cleanup":
             from dataserver.shm import sweep
 

@@ -83,7 +83,8 @@ def check_endpoint(endpoint: str, insecure: bool = False) -> None:
         if not loopback and not insecure:
             raise ConfigError(
                 f"--endpoint {endpoint} would serve batches beyond this machine without "
-                "authentication; bind to 127.0.0.1, or pass --insecure if the network is trusted"
+                "authentication; pass --curve-keys DIR (make them with `dataserver keys DIR`), "
+                "bind to 127.0.0.1, or pass --insecure if the network is trusted"
             )
         return
     raise ConfigError(
@@ -129,6 +130,7 @@ class ServerConfig:
     consumer_timeout: float = 10.0
     startup_timeout: float = 120.0
     insecure: bool = False
+    curve_keys: str | None = None
     log_level: str = "INFO"
     log_format: Literal["text", "json"] = "text"
     metrics: str | None = None
@@ -143,7 +145,7 @@ class ServerConfig:
 
         if not self.endpoint:
             set_("endpoint", default_endpoint())
-        check_endpoint(self.endpoint, self.insecure)
+        check_endpoint(self.endpoint, self.insecure or bool(self.curve_keys))
         if self.workers == 0:
             set_("workers", usable_cpus())
         _positive("workers", self.workers)

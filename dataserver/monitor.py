@@ -85,9 +85,9 @@ class Monitor:
         one_off = [e for e in sched.by_bid.values() if e.segment]
         ring = {
             "slots": sched.slots, "slot_bytes": sched.slot_bytes,
-            "free": len(sched.free_slots), "cached": len(sched.cached),
+            "free": len(sched.free_slots), "cached": sched.cached_slots(),
             "quarantined": len(sched.quarantined),
-            "held": sched.held_slots() - len(sched.cached),
+            "held": sched.held_slots(),
             "bytes": sched.slots * sched.slot_bytes,
             "one_off_segments": len(one_off), "one_off_bytes": sum(e.nbytes for e in one_off),
             "shm_dir": str(server.shm_dir), "name": server.ring_name,

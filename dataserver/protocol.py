@@ -52,6 +52,7 @@ __all__ = [
     "StreamEnd",
     "Take",
     "Tasks",
+    "UseFrames",
     "UseRing",
     "Want",
     "Welcome",
@@ -238,11 +239,18 @@ class Stacks(Message):
     """Ask for the status snapshot plus the Python stack of every worker."""
 
 
+@_message(12)
+@dataclass(frozen=True, slots=True)
+class UseFrames(Message):
+    """The consumer cannot map the server's shared memory (another host, another IPC
+    namespace): send each batch's bytes as ZeroMQ frames after its Ready message instead."""
+
+
 # --- server -> consumer --------------------------------------------------------------------
 
 
 @_message(20, "uint", "str", "str", "uint", "bool", "uint", "str", "str", "uint", "uint",
-          "uint", "uint", "uint", "float", "bool")
+          "uint", "uint", "uint", "float", "bool", "str")
 @dataclass(frozen=True, slots=True)
 class Welcome(Message):
     version: int
@@ -260,6 +268,7 @@ class Welcome(Message):
     pidns: int
     heartbeat_s: float
     stream: bool  # a generator dataset: items in the order made, no length
+    ring_id: str  # "st_dev:st_ino" of the ring file: a consumer that sees the same file shares it
 
 
 @_message(21, "list")
@@ -268,7 +277,9 @@ class Ready(Message):
     """Batches now readable. Each item is
     ``[epoch, pos, index, bid, segment, offset, nbytes, layout]``; ``pos`` is -1 for a Fetch,
     ``segment`` is "" for the ring (then ``offset`` is the slot's) or a one-off segment's name.
-    Each item is one lease, to be given back with ``Release``."""
+    Each item is one lease, to be given back with ``Release`` (for a consumer that asked for
+    frames, the batch's bytes follow as one frame per item, and the server ends the lease
+    itself once the frames have left)."""
 
     items: list[Any]
 

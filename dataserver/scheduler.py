@@ -110,6 +110,7 @@ class ConsumerState:
     epoch: int = 0
     position: int = 0
     gone: bool = False  # said Bye but still holds views (leases kept until its pid exits)
+    frames: bool = False  # gets batch bytes as ZeroMQ frames (cannot map the ring)
     takes: int = 0  # generator items asked for and not yet handed over
     ended: bool = False  # told that its generator dataset ended
     joined: float = field(default_factory=time.monotonic)
@@ -661,5 +662,10 @@ class Scheduler:
         self.by_bid.pop(e.bid, None)
         self.cached.pop(e.bid, None)
 
+    def cached_slots(self) -> int:
+        """Ring slots holding a cached batch (the slot-sizing batch is cached outside the ring)."""
+        return sum(1 for e in self.cached.values() if not e.segment)
+
     def held_slots(self) -> int:
-        return self.slots - len(self.free_slots) - len(self.quarantined)
+        """Ring slots leased to consumers or being written."""
+        return self.slots - len(self.free_slots) - len(self.quarantined) - self.cached_slots()

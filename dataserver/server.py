@@ -34,6 +34,7 @@ import zmq
 from dataserver import shm
 from dataserver._proc import pid_alive, pid_namespace
 from dataserver.config import ServerConfig
+from dataserver.curve import secure_server
 from dataserver.errors import ConfigError, DataServerError, ProtocolError, SharedMemoryError
 from dataserver.logs import setup_logging
 from dataserver.monitor import Monitor
@@ -63,6 +64,7 @@ from dataserver.protocol import (
     StreamEnd,
     Take,
     Tasks,
+    UseFrames,
     UseRing,
     Want,
     Welcome,
@@ -107,6 +109,7 @@ class Server:
         self.ring: shm.Segment | None = None
         self.ring_name = ""
         self.prefetch = 0
+        self.ring_id = ""
         self.lock: shm.ServerLock | None = None
         self.rundir: Path | None = None
         self.ipc_path: Path | None = None
@@ -122,7 +125,9 @@ class Server:
         self._sentinels: dict[int, int] = {}  # fd -> incarnation
         self.poller = zmq.Poller()
         self.monitor = Monitor()
+        self._in_flight_frames: deque[tuple[Any, bytes, list[int], list[shm.Segment]]] = deque()
         self.exporter: Any = None  # dataserver.metrics.MetricsExporter with --metrics
+        self.authenticator: Any = None  # zmq ThreadAuthenticator with --curve-keys
         self._retire_since: dict[int, float] = {}
         self._retire_asked: dict[int, float] = {}
         self.mem_history: dict[int, deque[tuple[int, int]]] = {}  # wid -> (done, memory)
@@ -211,6 +216,12 @@ class Server:
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        if self.config.curve_keys:
+            try:
+                self.authenticator = secure_server(sock, self.ctx, self.config.curve_keys)
+            except BaseException:
+                sock.close(0)
+                raise
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as exc:
@@ -252,6 +263,8 @@ class Server:
         self.ring_name = f"{shm.PREFIX}{self.server_id}-ring"
         self.ring = shm.create(self.shm_dir / self.ring_name, slots * slot_bytes,
                                f"a ring of {slots} slots x {shm.format_bytes(slot_bytes)}")
+        ring_stat = os.stat(self.shm_dir / self.ring_name)
+        self.ring_id = f"{ring_stat.st_dev}:{ring_stat.st_ino}"
         self.sched.set_ring(slots, slot_bytes)
         log.info("ring: %d slots x %s in %s; prefetch %d", slots, shm.format_bytes(slot_bytes),
                  self.shm_dir / self.ring_name, self.prefetch)
@@ -362,8 +375,13 @@ class Server:
             self._send_worker(wid, Tasks(items))
         sched.out_tasks.clear()
         for cid, ready in sched.out_ready.items():
-            self.clients.send_multipart([cid, encode(Ready(ready))])
+            c = sched.consumers.get(cid)
+            if c is not None and c.frames:
+                self._send_frames(cid, ready)
+            else:
+                self.clients.send_multipart([cid, encode(Ready(ready))])
         sched.out_ready.clear()
+        self._reap_frames()
         for cid, failed in sched.out_failed:
             self.clients.send_multipart([cid, encode(failed)])
         sched.out_failed.clear()
@@ -373,6 +391,32 @@ class Server:
         for name in sched.to_unlink:
             shm.unlink(self.shm_dir / name)
         sched.to_unlink.clear()
+
+    def _send_frames(self, cid: bytes, ready: list[list[Any]]) -> None:
+        """Ready, then each batch's bytes as a frame sent from shared memory without a copy
+        (pyzmq copy=False); the leases end when the tracker says the frames have left."""
+        assert self.clients is not None and self.ring is not None
+        views: list[Any] = []
+        keep: list[shm.Segment] = []
+        for _epoch, _pos, _index, _bid, segment, offset, nbytes, _layout in ready:
+            if segment:
+                seg = shm.attach(self.shm_dir / segment, writable=False)
+                keep.append(seg)
+                views.append(memoryview(seg.mm)[:nbytes])
+            else:
+                views.append(memoryview(self.ring.mm)[offset : offset + nbytes])
+        tracker = self.clients.send_multipart([cid, encode(Ready(ready)), *views], copy=False,
+                                              track=True)
+        self._in_flight_frames.append((tracker, cid, [item[3] for item in ready], keep))
+
+    def _reap_frames(self) -> None:
+        """End the leases of batches whose frames have left."""
+        assert self.sched is not None
+        while self._in_flight_frames and self._in_flight_frames[0][0].done:
+            _tracker, cid, bids, keep = self._in_flight_frames.popleft()
+            self.sched.release(cid, bids)
+            for seg in keep:
+                seg.close()
 
     def _send_worker(self, wid: int, msg: Message) -> None:
         assert self.workers_sock is not None
@@ -553,6 +597,11 @@ class Server:
             return sched.want(cid, msg.epoch, msg.start, msg.stop, msg.step, msg.urgent)
         if isinstance(msg, Take):
             return sched.take(cid, msg.count)
+        if isinstance(msg, UseFrames):
+            if c is None:
+                return "UseFrames before Hello; send Hello first"
+            c.frames = True
+            return None
         if isinstance(msg, Release):
             return sched.release(cid, msg.bids)
         if isinstance(msg, Fetch):
@@ -601,7 +650,7 @@ class Server:
         self.clients.send_multipart([cid, encode(Welcome(
             VERSION, self.server_id, d.name, d.length, d.shuffle, d.seed,
             str(self.shm_dir), self.ring_name, sched.slot_bytes, sched.slots, self.prefetch,
-            os.getpid(), pid_namespace(), HEARTBEAT_S, d.stream,
+            os.getpid(), pid_namespace(), HEARTBEAT_S, d.stream, self.ring_id,
         ))])
         return None
 
@@ -776,6 +825,8 @@ class Server:
             self.pool.stop_all(lambda inc: self._send_worker(inc, Stop()), connected)
         if self.workers_sock is not None:
             self.workers_sock.close(0)
+        if self.authenticator is not None:
+            self.authenticator.stop()
         if self.ctx is not None:
             self.ctx.destroy(linger=0)
         if self.ring is not None:

@@ -9,6 +9,7 @@ from typing import Any
 import msgpack
 import zmq
 
+from dataserver.curve import client_keys, secure_client
 from dataserver.errors import ProtocolError, ServerUnavailable
 from dataserver.protocol import Refused, Stacks, Status, StatusReply, decode, encode
 from dataserver.shm import format_bytes
@@ -16,13 +17,15 @@ from dataserver.shm import format_bytes
 __all__ = ["fetch_status", "render", "run_status"]
 
 
-def fetch_status(endpoint: str, timeout: float = 3.0, stacks: bool = False) -> dict[str, Any]:
+def fetch_status(endpoint: str, timeout: float = 3.0, stacks: bool = False,
+                 curve_keys: str | None = None) -> dict[str, Any]:
     """The server's snapshot (with every worker's Python stack under "stacks" if ``stacks``),
     or ServerUnavailable if nothing answers within ``timeout``."""
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        secure_client(sock, client_keys(curve_keys))
         sock.connect(endpoint)
         sock.send(encode(Stacks() if stacks else Status()))
         if not sock.poll(int(timeout * 1000)):

@@ -1,0 +1,106 @@
+"""Consumers that cannot map the server's shared memory get batch bytes as ZeroMQ frames."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import seqs
+from dataserver.client import RemoteSequence
+from dataserver.status import fetch_status
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("endpoint_kind", ["ipc", "tcp"])
+def test_frames_transport_has_the_same_semantics(serve: Any, endpoint_kind: str,
+                                                 isolated: dict[str, Path]) -> None:
+    endpoint = (f"tcp://127.0.0.1:{free_port()}" if endpoint_kind == "tcp"
+                else f"ipc://{isolated['runtime']}/frames.sock")
+    server = serve({"train": seqs.Indexed(40, delay=0.005), "big": seqs.Sized(6, big_at=(2,))},
+                   endpoint=endpoint, shuffle=True, seed=2, workers=2)
+    order = [np.random.default_rng([2, e]).permutation(40).tolist() for e in range(2)]
+    with RemoteSequence(server.endpoint, dataset="train", transport="frames") as seq, \
+            RemoteSequence(server.endpoint, dataset="train", shard=(1, 2),
+                           transport="frames") as shard:
+        assert seq.transport == "frames"
+        for epoch in range(2):
+            got = [(int(y[0]), float(x[3, 3])) for x, y in seq]
+            assert got == [(i, float(i)) for i in order[epoch]]
+            assert [int(y[0]) for _x, y in shard] == order[epoch][1::2]
+            seq.on_epoch_end()
+            shard.on_epoch_end()
+        assert int(seq[7][1][0]) == 7  # random access by index
+        assert seq.held() == 0  # frames hold no slot on the client
+    with RemoteSequence(server.endpoint, dataset="big", transport="frames") as big:
+        sizes = [x.nbytes for x, _y in big]  # the oversize batch travels too
+        assert sizes[2] == 1 << 20 and sizes[0] == 4096
+    ring = fetch_status(server.endpoint)["ring"]
+    assert ring["held"] == 0, "the server ends frame leases once the frames have left"
+
+
+def test_auto_picks_shared_memory_on_the_same_host(serve: Any) -> None:
+    server = serve(seqs.Indexed(5))
+    with RemoteSequence(server.endpoint) as seq:
+        assert seq.transport == "shm"
+        assert [int(y[0]) for _x, y in seq] == list(range(5))
+
+
+def test_auto_falls_back_to_frames_without_the_servers_shm(serve: Any, isolated: dict[str, Path],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    server = serve(seqs.Indexed(8))
+    import os
+
+    real_stat = os.stat
+
+    def stat(path: Any, *a: Any, **k: Any) -> Any:  # as if /dev/shm were another tmpfs
+        if str(path).endswith("-ring"):
+            raise FileNotFoundError(path)
+        return real_stat(path, *a, **k)
+
+    monkeypatch.setattr(os, "stat", stat)
+    with RemoteSequence(server.endpoint) as seq:
+        assert seq.transport == "frames"
+        assert [int(y[0]) for _x, y in seq] == list(range(8))
+
+
+def test_curve_keys_encrypt_and_authenticate(isolated: dict[str, Path], tmp_path: Path,
+                                             serve: Any) -> None:
+    import subprocess
+    import sys
+
+    from dataserver.client import ServerUnavailable
+    from dataserver.errors import ConfigError
+
+    keys = tmp_path / "keys"
+    out = subprocess.run([sys.executable, "-m", "dataserver", "keys", str(keys)],
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert "server and consumer keys" in out.stdout
+    assert (keys / "server.key_secret").stat().st_mode & 0o077 == 0
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    server = serve(seqs.Indexed(12), endpoint=endpoint, curve_keys=str(keys), workers=1)
+    with RemoteSequence(endpoint, curve_keys=str(keys), transport="frames") as seq:
+        assert [int(y[0]) for _x, y in seq] == list(range(12))
+    assert fetch_status(endpoint, curve_keys=str(keys))["ring"]["slots"] > 0
+    with pytest.raises(ServerUnavailable):  # no keys: the handshake never completes
+        RemoteSequence(endpoint, timeout=1.5)
+    stranger = tmp_path / "stranger"
+    subprocess.run([sys.executable, "-m", "dataserver", "keys", str(stranger)],
+                   capture_output=True, timeout=60, check=True)
+    (stranger / "server.key").write_bytes((keys / "server.key").read_bytes())
+    with pytest.raises(ServerUnavailable):  # a key the server did not authorize
+        RemoteSequence(endpoint, curve_keys=str(stranger), timeout=1.5)
+    with pytest.raises(ConfigError, match="--curve-keys"):
+        serve(seqs.Indexed(4), endpoint="tcp://10.0.0.1:5555")
+    server.close()
