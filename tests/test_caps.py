@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -12,18 +11,9 @@ import seqs
 from dataserver.client import RemoteSequence
 from dataserver.errors import ConfigError
 from dataserver.status import fetch_status
+from helpers import wait_for
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def wait_for(condition: Any, what: str, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def read_epoch(endpoint: str, epochs: int = 1) -> list[list[int]]:

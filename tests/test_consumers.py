@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import pytest
 import seqs
 from dataserver.client import ProtocolError, RemoteSequence
 from dataserver.status import fetch_status
+from helpers import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 HERE = Path(__file__).parent
@@ -139,16 +139,6 @@ def test_resume_continues_with_the_exact_next_batch(serve: Any) -> None:
         assert rest == order[1][1::2][6:]
     with pytest.raises(ValueError, match="seed=99"):
         RemoteSequence(server.endpoint, resume={**state, "seed": 99})
-
-
-def wait_for(condition: Any, what: str, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def test_killed_consumer_leases_come_back_and_others_go_on(serve: Any) -> None:

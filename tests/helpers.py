@@ -1,0 +1,21 @@
+"""Small helpers shared by the tests (a module of its own, importable like seqs)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+POLL_S = 0.1
+
+
+def wait_for(condition: Any, what: str, timeout: float = 20.0) -> Any:
+    """Poll ``condition()`` until it is truthy (return it) or fail after ``timeout`` seconds,
+    naming ``what``. For state the server reaches asynchronously (a reclaimed consumer, a
+    replaced worker), never to paper over a race."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(POLL_S)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
