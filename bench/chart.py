@@ -33,7 +33,7 @@ def write(rows: list[dict[str, Any]], path: Path, title: str) -> str | None:
     contenders += sorted({r["contender"] for r in rows} - set(contenders))
     rate = {(r["workload"], r["contender"]): r for r in rows if r["batches_per_s"]}
     width = 0.85 / max(1, len(contenders))
-    fig, ax = plt.subplots(figsize=(max(8.0, 2.2 * len(workloads)), 5.2), dpi=110)
+    fig, ax = plt.subplots(figsize=(max(8.0, 2.2 * len(workloads)), 5.8), dpi=110)
     for k, c in enumerate(contenders):
         xs, ys, lo, hi = [], [], [], []
         for g, wl in enumerate(workloads):
@@ -52,7 +52,7 @@ def write(rows: list[dict[str, Any]], path: Path, title: str) -> str | None:
     ax.set_ylabel("batches/s (median; log scale)")
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", which="major", alpha=0.4)
-    ax.legend(fontsize=8, ncol=2, loc="upper right")
+    ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.13))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

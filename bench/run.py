@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import chart, memory, report, targets
-from bench.contenders import CONTENDERS, PEERS, RING_PREFIX, measure
+from bench.contenders import CONTENDERS, RING_PREFIX, measure
 from bench.workload import Checker, Workload
 
 __all__ = ["GRID", "main"]

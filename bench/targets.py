@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.contenders import DATASERVER, PEERS
 from bench.report import LABELS, MIB
 
 __all__ = ["evaluate"]
@@ -27,8 +28,6 @@ RATIOS: list[tuple[int, int, str, str, float]] = [
     (MIB1, 2000, "process", "inline", 1.6),
     (MIB1, 2000, "process", "best peer", 1.4),
 ]
-PEERS = ("keras-proc", "keras-thread", "torch")
-DATASERVER = ("process", "thread", "zerocopy")
 #: From epoch 2 on: the first batch within this long of the epoch starting ...
 TTFB2_MAX_S = 5e-3
 #: ... and no end-of-epoch stall over this.
