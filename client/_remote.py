@@ -147,7 +147,9 @@ class RemoteSequence:
         self._buffer: dict[int, list[Any] | Failed] = {}  # global position -> item
         self._fetched: dict[tuple[int, int], deque[list[Any] | Failed]] = {}
         self._discard: Counter[int] = Counter()
-        self._epochs_ended = 0
+        # ask for the next epoch's first batches while this one ends, unless this consumer
+        # reads an epoch again without on_epoch_end (an evaluation loop, say)
+        self._speculate = True
         try:
             w = self._handshake(dataset, name)
         except BaseException:
@@ -351,11 +353,11 @@ class RemoteSequence:
     # --- the stream of positions ------------------------------------------------------------
 
     def _top_up(self) -> None:
-        """Ask for positions up to ``prefetch`` ahead of the cursor (into the next epoch only
-        once this consumer has shown it steps epochs with on_epoch_end)."""
+        """Ask for positions up to ``prefetch`` ahead of the cursor, into the next epoch too
+        unless this consumer re-reads epochs without stepping them."""
         n = self._len
         limit = self._cursor + self.prefetch
-        if self._epochs_ended == 0:
+        if not self._speculate:
             limit = min(limit, (self._epoch + 1) * n)
         if self._requested - self._cursor > self.prefetch // 2 or self._requested >= limit:
             return
@@ -484,6 +486,8 @@ class RemoteSequence:
             return _StreamIterator(self)
         start = self._epoch * self._len
         if self._cursor != start and not self._resumed:
+            if self._cursor > start:  # the same epoch again: stop prefetching the next one
+                self._speculate = False
             self._skip_to(start)
         self._resumed = False
         return _EpochIterator(self, self._epoch)
@@ -499,7 +503,7 @@ class RemoteSequence:
             self._skip_to(end)
         self._send(EpochEnd(self._epoch))
         self._epoch += 1
-        self._epochs_ended += 1
+        self._speculate = True
         for key in [k for k in self._fetched if k[0] < self._epoch]:
             for item in self._fetched.pop(key):
                 self._drop(item)
@@ -527,7 +531,6 @@ class RemoteSequence:
             self.close()
             raise ValueError(f"cannot resume at epoch {epoch}, position {position}")
         self._epoch = epoch + position // self._len
-        self._epochs_ended = self._epoch
         self._cursor = self._requested = epoch * self._len + position
         self._resumed = True  # the first iteration continues from here
 

@@ -64,6 +64,8 @@ class Pool:
     def __init__(self, template: WorkerSpec, start_method: str) -> None:
         self.template = template
         self.mp: Any = multiprocessing.get_context(start_method)
+        if start_method == "forkserver":  # workers then share these pages copy-on-write
+            self.mp.set_forkserver_preload(["numpy", "zmq", "msgpack", "dataserver.worker"])
         self.handles: dict[int, WorkerHandle] = {}  # by incarnation
         self._next = 0
 

@@ -203,6 +203,9 @@ def worker_main(spec: WorkerSpec) -> None:
     if process:
         _die_with_parent()
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when workers stop
+        # forked workers inherit the server's handlers and wake-up pipe: undo both
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
         # `dataserver status --stacks`: SIGUSR1 dumps every thread's Python stack to this file
         stacks = open(stack_file(spec.address, spec.incarnation), "w")  # noqa: SIM115
         faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)

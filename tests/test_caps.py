@@ -32,7 +32,8 @@ def test_worker_over_its_memory_cap_is_replaced_and_nothing_is_lost(serve: Any) 
     assert read_epoch(server.endpoint) == [list(range(40))]
     status = wait_for(lambda: (s := fetch_status(server.endpoint))["counters"].get(
         "memory_cap_restarts") and len(s["workers"]) == 2 and s, "the hog to be replaced")
-    assert status["counters"]["memory_cap_restarts"] == 1
+    # batch 5 hogs each time it is made (epoch 0, and epoch 1 when prefetched across the end)
+    assert status["counters"]["memory_cap_restarts"] >= 1
     assert {w["pid"] for w in status["workers"]} != pids_before
     assert all(w["uss"] < 100 << 20 for w in status["workers"])
     assert read_epoch(server.endpoint, 2) == [list(range(40))] * 2
