@@ -210,20 +210,9 @@ def table(rows: list[dict[str, Any]], reps: int) -> list[str]:
 
 
 def medians(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in raw:
-        groups.setdefault((r["workload"], r["contender"]), []).append(r)
-    rows = []
-    for (wl, contender), rs in groups.items():
-        ok = [r for r in rs if "error" not in r]
-        row: dict[str, Any] = {"workload": wl, "contender": contender, "reps": len(ok),
-                               "errors": [r["error"] for r in rs if "error" in r]}
-        for f in ("steps_per_s", "first_step_s", "epoch1_s", "startup_s"):
-            vals = [r[f] for r in ok if r.get(f) is not None]
-            row[f] = statistics.median(vals) if vals else None
-        row["steps_per_s_all"] = [r["steps_per_s"] for r in ok]
-        rows.append(row)
-    return rows
+    from bench.report import group_medians
+
+    return group_medians(raw, ("steps_per_s", "first_step_s", "epoch1_s", "startup_s"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,23 +78,35 @@ def machine_lines(m: dict[str, Any]) -> list[str]:
     ]
 
 
-def medians(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (workload, contender): the median of each figure over the repetitions."""
+def group_medians(raw: list[dict[str, Any]], figures: tuple[str, ...],
+                  keep: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """One row per (workload, contender): the median of each of ``figures`` over the
+    repetitions that did not fail (and the values in ``<figure>_all``); ``keep`` copies fields
+    of the first repetition."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in raw:
         groups.setdefault((r["workload"], r["contender"]), []).append(r)
     rows = []
     for (wl, contender), rs in groups.items():
         ok = [r for r in rs if "error" not in r]
-        row: dict[str, Any] = {"workload": wl, "contender": contender, "nbytes": rs[0]["nbytes"],
-                               "cpu_us": rs[0]["cpu_us"], "n": rs[0].get("n"), "reps": len(ok),
+        row: dict[str, Any] = {"workload": wl, "contender": contender,
+                               **{k: rs[0].get(k) for k in keep}, "reps": len(ok),
                                "errors": [r["error"] for r in rs if "error" in r]}
-        for f in FIGURES:
+        for f in figures:
             vals = [r[f] for r in ok if r.get(f) is not None]
             row[f] = statistics.median(vals) if vals else None
-            if f == "batches_per_s" and vals:
-                row["batches_per_s_min"], row["batches_per_s_max"] = min(vals), max(vals)
+            row[f"{f}_all"] = vals
         rows.append(row)
+    return rows
+
+
+def medians(raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (workload, contender): the median of each figure over the repetitions."""
+    rows = group_medians(raw, FIGURES, keep=("nbytes", "cpu_us", "n"))
+    for row in rows:
+        vals = row["batches_per_s_all"]
+        if vals:
+            row["batches_per_s_min"], row["batches_per_s_max"] = min(vals), max(vals)
     rate = {(r["workload"], r["contender"]): r["batches_per_s"] for r in rows}
     for r in rows:
         for base, key in (("inline", "vs_inline"), ("ring", "vs_ring")):
