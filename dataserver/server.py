@@ -189,7 +189,7 @@ class Server:
             address=worker_address,
             sources=[SequenceSource(obj=seq) for seq in self.seqs] if thread
             else list(self.sources.values()),
-            server_id=self.server_id, shm_dir=str(self.shm_dir), parent_pid=os.getpid(),
+            server_id=self.server_id, shm_dir=str(self.shm_dir),
             on_epoch_end=not thread, log_level=logging.getLevelName(log.getEffectiveLevel()),
         )
         self.pool = Pool(template, cfg.start_method)

@@ -61,7 +61,6 @@ class WorkerSpec:
     sources: list[SequenceSource]  # one per dataset, in the server's order
     server_id: str
     shm_dir: str
-    parent_pid: int
     on_epoch_end: bool  # call the Sequence's on_epoch_end here (process workers)
     log_level: str = "WARNING"
     skip: tuple[int, ...] = ()  # per dataset: generator items a predecessor already made
@@ -92,6 +91,8 @@ class _Worker:
         self.ring_array: np.ndarray[Any, Any] | None = None
         self.slot_bytes = 0
         self.dir = Path(spec.shm_dir)
+        # our parent: the server, or with forkserver the fork server (which dies with it)
+        self.parent = os.getppid()
 
     def use_ring(self, msg: UseRing) -> None:
         self.ring = shm.attach(self.dir / msg.ring, writable=True)
@@ -176,8 +177,8 @@ class _Worker:
         queue: deque[list[int]] = deque()
         while True:
             if not queue and not self.sock.poll(poll_ms):
-                if self.spec.kind == "process" and os.getppid() != self.spec.parent_pid:
-                    return  # the server is gone
+                if self.spec.kind == "process" and os.getppid() != self.parent:
+                    return  # the server (or the fork server that started us) is gone
                 continue
             while self.sock.get(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[operator,arg-type]
                 msg = decode(self.sock.recv())

@@ -196,9 +196,15 @@ def test_stopped_server_is_unavailable_after_the_timeout(serve: Any) -> None:
 
 @pytest.mark.parametrize("method", ["forkserver", "fork"])
 def test_other_start_methods(serve: Any, method: str) -> None:
+    from dataserver.status import fetch_status
+    from dataserver.worker import POLL_INTERVAL_S
+
     server = serve(seqs.Indexed(30), start_method=method)
     with RemoteSequence(server.endpoint) as seq:
         assert [int(y[0]) for _x, y in seq] == list(range(30))
+    # idle workers stay up (they check their parent every POLL_INTERVAL_S)
+    time.sleep(3 * POLL_INTERVAL_S)
+    assert "restarts" not in fetch_status(server.endpoint)["counters"]
 
 
 def test_demo_command_runs_and_checks_order(isolated: dict[str, Path]) -> None:
