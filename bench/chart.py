@@ -15,8 +15,8 @@ __all__ = ["write"]
 
 #: dataserver in blues, the in-process baselines in greys, the peers in warm colours.
 COLOURS = {"inline": "#9e9e9e", "ring": "#616161", "process": "#1565c0", "thread": "#42a5f5",
-           "zerocopy": "#0d47a1", "keras-proc": "#e65100", "keras-thread": "#ffa726",
-           "torch": "#c62828"}
+           "zerocopy": "#0d47a1", "frames": "#7986cb", "keras-proc": "#e65100",
+           "keras-thread": "#ffa726", "torch": "#c62828"}
 
 
 def write(rows: list[dict[str, Any]], path: Path, title: str) -> str | None:

@@ -5,6 +5,8 @@
   shared-memory ring (a file in the shm directory, unlinked as soon as it is mapped), consume
   the slot: one copy and nothing else, the single-copy ceiling for one producer (a server
   with 2 workers can beat it when producing the batch, not copying it, is the cost).
+* ``frames``: ``process``, but the consumer gets the bytes as ZeroMQ frames (as a consumer
+  on another host would; here over the ipc socket) instead of mapping the ring.
 * ``zerocopy``: ``process``, with the Sequence building ``x`` by ``dataserver.empty`` (in the
   slot: no copy in the worker).
 * ``process`` / ``thread``: a ``DataServer`` with 2 workers of that kind, started outside the
@@ -38,7 +40,7 @@ from bench.workload import BenchError, Checker, Workload
 
 __all__ = ["CONTENDERS", "DATASERVER", "PEERS", "measure", "read_epoch"]
 
-DATASERVER = ("process", "thread", "zerocopy")
+DATASERVER = ("process", "thread", "zerocopy", "frames")
 PEERS = ("keras-proc", "keras-thread", "torch")  # bench.peers.PEERS, without importing it
 CONTENDERS = ("inline", "ring", *DATASERVER, *PEERS)
 RING_SLOTS = 4
@@ -154,7 +156,7 @@ def read_epoch(rs: Any, check: Checker, n: int) -> tuple[float, float, int]:
 
 
 def measure_dataserver(wl: Workload, check: Checker, kind: str, run_dir: Path,
-                       workers: int = 2) -> dict[str, Any]:
+                       workers: int = 2, transport: str = "auto") -> dict[str, Any]:
     from dataserver import DataServer
     from dataserver.client import RemoteSequence
 
@@ -164,7 +166,7 @@ def measure_dataserver(wl: Workload, check: Checker, kind: str, run_dir: Path,
     with DataServer(wl, workers=workers, worker_type=kind, endpoint=endpoint) as server:
         startup = perf_counter() - t0
         t0 = perf_counter()
-        with RemoteSequence(server.endpoint, timeout=60) as rs:
+        with RemoteSequence(server.endpoint, timeout=60, transport=transport) as rs:
             connect = perf_counter() - t0
             t_start1 = perf_counter()
             t_first1, t_end1, _ = read_epoch(rs, check, n)
@@ -199,6 +201,8 @@ def measure(contender: str, wl: Workload, check: Checker, *, min_s: float, shm_d
         return measure_dataserver(wl, check, contender, run_dir)
     if contender == "zerocopy":  # process workers building x with dataserver.empty
         return measure_dataserver(wl.zero_copy(), check, "process", run_dir)
+    if contender == "frames":  # process workers, the bytes sent as ZeroMQ frames (ipc)
+        return measure_dataserver(wl, check, "process", run_dir, transport="frames")
     if contender in PEERS:
         from bench import peers
 
