@@ -345,6 +345,7 @@ class Server:
     def _step(self, timeout_ms: int) -> None:
         assert self.clients is not None and self.workers_sock is not None
         events = dict(self.poller.poll(timeout_ms))
+        self._reap_frames()
         if self.workers_sock in events:
             self._drain(self.workers_sock, self._on_worker_frames)
         if self.clients in events:
