@@ -298,12 +298,16 @@ class RemoteSequence:
         pinged = 0.0
         while not ready():
             if self._sock.poll(POLL_SLICE_MS):
+                frames = self.transport == "frames"
                 while True:
                     try:
-                        parts = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        if frames:  # batch bytes follow: keep them as zmq frames (no copy)
+                            parts = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                            self._handle(parts[0].bytes, parts[1:])
+                        else:
+                            self._handle(self._sock.recv(zmq.NOBLOCK))
                     except zmq.Again:
                         break
-                    self._handle(parts[0].bytes, parts[1:])
                 heard = time.monotonic()
                 continue
             now = time.monotonic()

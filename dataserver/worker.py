@@ -180,7 +180,7 @@ class _Worker:
                 if self.spec.kind == "process" and os.getppid() != self.parent:
                     return  # the server (or the fork server that started us) is gone
                 continue
-            while self.sock.get(zmq.EVENTS) & zmq.POLLIN:  # type: ignore[operator,arg-type]
+            while self.sock.poll(0):  # everything that arrived (poll(0): 1.9 us a check)
                 msg = decode(self.sock.recv())
                 if isinstance(msg, Tasks):
                     queue.extend(msg.items)
