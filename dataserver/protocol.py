@@ -113,10 +113,10 @@ _CHECKS: dict[str, Check] = {
 
 
 class Message:
-    """Base of every message: ``KIND`` tags it on the wire, ``FIELDS`` names each field's check."""
+    """Base of every message: ``KIND`` tags it on the wire; ``NAMES`` are its fields in wire
+    order (their checks are kept in the codec's table)."""
 
     KIND: ClassVar[int]
-    FIELDS: ClassVar[tuple[str, ...]]
     NAMES: ClassVar[tuple[str, ...]]
 
 
@@ -130,7 +130,6 @@ def _message(kind: int, *fields: str) -> Callable[[M], M]:
         names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
         assert len(names) == len(fields), (cls, names, fields)
         cls.KIND = kind
-        cls.FIELDS = fields
         cls.NAMES = tuple(names)
         _BY_KIND[kind] = (cls, tuple(_CHECKS[f] for f in fields))
         return cls

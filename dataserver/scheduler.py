@@ -512,6 +512,7 @@ class Scheduler:
     def dispatch(self) -> None:
         now = time.monotonic()
         depth = self._depth()
+        low: dict[int, tuple[int, int]] | None = None  # consumers do not move while we dispatch
         while self.pending:
             e = self.pending[0]
             if e.state != PENDING:
@@ -534,12 +535,14 @@ class Scheduler:
                 return
             if self.free_slots:
                 slot = self.free_slots.popleft()
-            elif (slot := self._evict(e.urgent or e.keep)) >= 0:
-                pass
-            elif e.urgent or e.keep or self.slots == 0:
-                slot = -1
             else:
-                return
+                slot = -1
+                if self.cached:
+                    low = self._behind() if low is None else low
+                    slot = self._evict(e.urgent or e.keep, low)
+                # no slot: a one-off segment for a blocked consumer (or before the ring exists)
+                if slot < 0 and not (e.urgent or e.keep or self.slots == 0):
+                    return
             self.pending.popleft()
             e.state = RUNNING
             e.slot = slot
@@ -612,15 +615,15 @@ class Scheduler:
                 low[c.ds] = min(low.get(c.ds, at), at)
         return low
 
-    def _evict(self, needed_too: bool) -> int:
+    def _evict(self, needed_too: bool, low: dict[int, tuple[int, int]]) -> int:
         """Free a cached batch's slot: the oldest one no consumer still needs, or (``needed_too``,
         for a consumer blocked on its next batch) the oldest of all. -1 if none qualifies.
 
         Not evicting what a lagging consumer will read is the backpressure: a consumer far
         ahead of the others then waits for slots (or, blocked, gets its batch in a one-off
         segment), so the others catch up instead of every batch being made once per consumer.
+        ``low`` is :meth:`_behind`, computed once per dispatch.
         """
-        low = self._behind()
         victim = None
         for e in self.cached.values():
             if e.pos < 0 or e.ds not in low or (e.epoch, e.pos) < low[e.ds]:

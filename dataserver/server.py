@@ -345,7 +345,7 @@ class Server:
     def _step(self, timeout_ms: int) -> None:
         assert self.clients is not None and self.workers_sock is not None
         events = dict(self.poller.poll(timeout_ms))
-        self._reap_frames()
+        self._reap_frames()  # before answering anything: status must not count sent frames
         if self.workers_sock in events:
             self._drain(self.workers_sock, self._on_worker_frames)
         if self.clients in events:
@@ -386,7 +386,6 @@ class Server:
             else:
                 self.clients.send_multipart([cid, encode(Ready(ready))])
         sched.out_ready.clear()
-        self._reap_frames()
         for cid, failed in sched.out_failed:
             self.clients.send_multipart([cid, encode(failed)])
         sched.out_failed.clear()
@@ -430,8 +429,6 @@ class Server:
     # --- workers ----------------------------------------------------------------------------
 
     def _on_worker_frames(self, frames: list[bytes]) -> None:
-        sched = self.sched
-        assert sched is not None
         wid = int(frames[0][1:])
         for frame in frames[1:]:
             self._on_worker_message(wid, decode(frame))
