@@ -17,7 +17,9 @@ prints only the last view, at exit.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -136,6 +138,10 @@ def run_top(endpoint: str, interval: float, timeout: float, console: Any = None)
     from rich.console import Console
     from rich.live import Live
 
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C quits even when started with SIGINT ignored (`top &` from a script, or from a
+        # parent that was inside system() when it forked): top is interactive
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     trend = MemoryTrend()
     trend.add(snap)
     last_ok, trouble = time.time(), None

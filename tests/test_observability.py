@@ -60,6 +60,7 @@ SCHEMA: dict[str, dict[str, str]] = {
         "retiring": "str or null", "growing": "bool", "rss": "int or null",
         "uss": "int or null", "pss": "int or null", "swap": "int or null",
         "cpu_percent": "float or null", "memory_note": "str (optional)",
+        "host": "str (optional)", "transport": "str (optional)",
     },
     "ring": {
         "slots": "int", "slot_bytes": "int", "held": "int", "cached": "int", "free": "int",
@@ -385,6 +386,14 @@ class Pty:
             pass
         assert done(self.text), f"no {what} on top's terminal: {self.text[-3000:]!r}"
 
+    def wait(self, proc: subprocess.Popen[str], timeout_s: float) -> int:
+        """Wait for ``proc`` to exit, reading its terminal meanwhile: a child blocked writing
+        to a full terminal buffer never gets to exit."""
+        deadline = time.monotonic() + timeout_s
+        while proc.poll() is None and time.monotonic() < deadline:
+            self._read(min(deadline, time.monotonic() + 0.1))
+        return proc.wait(max(0.0, deadline - time.monotonic()))
+
     def drain(self) -> None:
         while self._read(time.monotonic() + 0.5):
             pass
@@ -414,9 +423,10 @@ def test_top_refreshes_shows_an_outage_and_exits_0_on_ctrl_c(serve: Any) -> None
     pids = [str(w["pid"]) for w in fetch_status(server.endpoint)["workers"]]
     term = Pty()
     env = {**os.environ, "TERM": "xterm", "COLUMNS": "220", "LINES": "100"}
+    # started with SIGINT ignored, as `top &` from a script would be: Ctrl-C still quits
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dataserver", "top", "--endpoint", server.endpoint,
-         "--interval", "0.2", "--timeout", "0.5"],
+        ["sh", "-c", 'trap "" INT; exec "$0" "$@"', sys.executable, "-m", "dataserver",
+         "top", "--endpoint", server.endpoint, "--interval", "0.2", "--timeout", "0.5"],
         stdin=subprocess.DEVNULL, stdout=term.slave, stderr=subprocess.PIPE, text=True, env=env)
     try:
         term.read_until(lambda t: t.count("dataserver top:") >= 3
@@ -426,7 +436,7 @@ def test_top_refreshes_shows_an_outage_and_exits_0_on_ctrl_c(serve: Any) -> None
         term.read_until(lambda t: "no dataserver answered" in t, 30, "outage")
         assert proc.poll() is None, "top must keep retrying when the server stops answering"
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(20) == 0
+        assert term.wait(proc, 20) == 0
         term.drain()
     finally:
         if proc.poll() is None:
