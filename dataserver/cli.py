@@ -73,6 +73,15 @@ def add_serve_options(serve: argparse.ArgumentParser) -> None:
                        help="flag a batch in flight longer than this as stuck in status")
     serve.add_argument("--metrics", default=None, metavar="ADDR:PORT",
                        help="serve Prometheus metrics over HTTP, e.g. 127.0.0.1:9464")
+    serve.add_argument("--backend", choices=["local", "ray"], default="local",
+                       help="ray: run the workers as Ray actors, anywhere in a Ray cluster "
+                            "(pip install 'dataserver[ray]')")
+    serve.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="the Ray cluster to join, e.g. ray://head:10001 or auto "
+                            "(default: start a private local Ray)")
+    serve.add_argument("--ray-transport", choices=["auto", "shm", "frames"], default="auto",
+                       help="how Ray workers hand batches over: shared memory when on this "
+                            "host (auto), or ZeroMQ frames over TCP")
     serve.add_argument("--log-level", default="INFO",
                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument("--log-format", choices=["text", "json"], default="text",

@@ -15,6 +15,8 @@ __all__ = ["ServerConfig", "default_endpoint", "parse_size"]
 
 WorkerType = Literal["process", "thread"]
 StartMethod = Literal["spawn", "forkserver", "fork"]
+Backend = Literal["local", "ray"]
+Transport = Literal["auto", "shm", "frames"]
 
 #: Auto prefetch fills at most this much shared memory (or half of what is free).
 RING_BUDGET_BYTES = 512 << 20
@@ -112,6 +114,10 @@ class ServerConfig:
       worker over a cap finishes its batches, exits and is replaced (``memory_kind`` says
       which figure counts: USS, the memory only that worker holds, by default).
     * ``hang_threshold=60``: a batch in flight longer is flagged as stuck in ``status``.
+    * ``backend="local"``: workers are this machine's processes or threads; ``"ray"`` runs
+      them as Ray actors (``ray_address``: a cluster to join, default a private local Ray;
+      ``ray_transport``: how their batches reach the ring, ``auto`` = shared memory when the
+      actor shares this host's, else ZeroMQ frames over TCP).
     * ``consumer_timeout=10``: a consumer in another pid namespace (whose pid the server cannot
       watch) that sends no heartbeat (one a second) for this long is gone; its leases return.
     """
@@ -138,6 +144,9 @@ class ServerConfig:
     memory_kind: Literal["uss", "pss", "rss"] = "uss"
     max_worker_tasks: int | None = None
     hang_threshold: float = 60.0
+    backend: Backend = "local"
+    ray_address: str | None = None
+    ray_transport: Transport = "auto"
 
     def __post_init__(self) -> None:
         def set_(name: str, value: object) -> None:
@@ -186,6 +195,16 @@ class ServerConfig:
             if not sep or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ConfigError(f"--metrics {self.metrics!r}: write ADDR:PORT, e.g. "
                                   "127.0.0.1:9464")
+        if self.backend not in ("local", "ray"):
+            raise ConfigError(f"--backend must be local or ray, got {self.backend!r}")
+        if self.ray_transport not in ("auto", "shm", "frames"):
+            raise ConfigError(
+                f"--ray-transport must be auto, shm or frames, got {self.ray_transport!r}")
+        if self.backend != "ray" and (self.ray_address or self.ray_transport != "auto"):
+            raise ConfigError("--ray-address and --ray-transport apply to --backend ray")
+        if self.backend == "ray" and self.worker_type == "thread":
+            raise ConfigError("--backend ray runs workers as Ray actors (processes); drop "
+                              "--worker-type thread")
         if self.consumer_timeout <= 0:
             raise ConfigError(
                 f"--consumer-timeout must be positive seconds, got {self.consumer_timeout}")

@@ -62,7 +62,8 @@ class Monitor:
             running = next(iter(w.inflight), None)
             e = sched.by_bid.get(running) if running is not None else None
             item: dict[str, Any] = {
-                "index": w.index, "incarnation": w.wid, "pid": w.pid, "kind": cfg.worker_type,
+                "index": w.index, "incarnation": w.wid, "pid": w.pid,
+                "kind": "ray" if cfg.backend == "ray" else cfg.worker_type,
                 "state": "starting" if not w.ready else ("busy" if w.inflight else "idle"),
                 "batch": e.index if e is not None else None,
                 "dataset": sched.datasets[e.ds].name if e is not None else None,
@@ -75,7 +76,12 @@ class Monitor:
                 "retiring": w.retiring or None,
                 "growing": w.wid in server.growing,
             }
-            if cfg.worker_type == "process":
+            if cfg.backend == "ray":  # the actor may be on another host: its own figures
+                item.update(dict.fromkeys((*_MEMORY, "cpu_percent")))
+                item.update(w.memory)
+                item["host"] = w.host
+                item["transport"] = "frames" if w.frames else "shm"
+            elif cfg.worker_type == "process":
                 item.update(self.process(w.pid))
             else:
                 item.update(dict.fromkeys((*_MEMORY, "cpu_percent")))

@@ -47,6 +47,10 @@ class WorkerHandle:
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
+    @property
+    def killable(self) -> bool:
+        return self.process is not None
+
     def alive(self) -> bool:
         if self.process is not None:
             return self.process.is_alive()
@@ -132,3 +136,6 @@ class Pool:
             if h.process is not None and not h.process.is_alive():
                 h.process.close()
         self.handles.clear()
+
+    def close(self) -> None:
+        """Nothing left to release once stop_all ran (RayPool shuts Ray down here)."""

@@ -37,6 +37,7 @@ __all__ = [
     "Failed",
     "Fetch",
     "Hello",
+    "Made",
     "Message",
     "Ping",
     "Pong",
@@ -56,6 +57,7 @@ __all__ = [
     "UseRing",
     "Want",
     "Welcome",
+    "WorkerMemory",
     "WorkerReady",
     "decode",
     "encode",
@@ -355,19 +357,26 @@ class Stop(Message):
     pass
 
 
-@_message(50, "uint", "uint")
+@_message(50, "uint", "uint", "str", "bool", "str")
 @dataclass(frozen=True, slots=True)
 class WorkerReady(Message):
+    """The worker loaded the Sequence. ``secret`` proves the server started it; ``frames``: it
+    cannot see the ring and sends batches as ``Made`` + a frame; ``host`` is its node name."""
+
     worker: int
     pid: int
+    secret: str
+    frames: bool
+    host: str
 
 
-@_message(51, "uint", "str", "str", "str")
+@_message(51, "uint", "str", "str", "str", "str")
 @dataclass(frozen=True, slots=True)
 class StartFailed(Message):
     """The worker could not load the Sequence."""
 
     worker: int
+    secret: str
     type_name: str
     message: str
     traceback: str
@@ -384,6 +393,30 @@ class Done(Message):
     nbytes: int
     layout: bytes
     busy_s: float
+
+
+@_message(55, "uint", "uint", "bytes", "float")
+@dataclass(frozen=True, slots=True)
+class Made(Message):
+    """Batch ``bid`` follows in the next frame (``nbytes`` bytes): a worker that cannot see the
+    ring sends it this way, and the server places it."""
+
+    bid: int
+    nbytes: int
+    layout: bytes
+    busy_s: float
+
+
+@_message(56, "uint", "int", "int", "int", "int")
+@dataclass(frozen=True, slots=True)
+class WorkerMemory(Message):
+    """A Ray worker's own memory figures in bytes (-1: unknown), sent every second or so."""
+
+    worker: int
+    rss: int
+    uss: int
+    pss: int
+    swap: int
 
 
 @_message(54, "uint")

@@ -132,6 +132,9 @@ class WorkerState:
     done: int = 0
     errors: int = 0
     started: float = field(default_factory=time.monotonic)
+    frames: bool = False  # sends batches as frames (a Ray actor that cannot see the ring)
+    host: str = ""  # node name, as the worker reports it
+    memory: dict[str, int | None] = field(default_factory=dict)  # as a Ray worker reports it
 
 
 class Scheduler:

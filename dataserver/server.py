@@ -25,10 +25,12 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import msgpack
+import numpy as np
 import zmq
 
 from dataserver import shm
@@ -49,6 +51,7 @@ from dataserver.protocol import (
     Exhausted,
     Fetch,
     Hello,
+    Made,
     Message,
     Ping,
     Pong,
@@ -68,6 +71,7 @@ from dataserver.protocol import (
     UseRing,
     Want,
     Welcome,
+    WorkerMemory,
     WorkerReady,
     decode,
     encode,
@@ -91,6 +95,7 @@ STACKS_TIMEOUT_S = 1.0
 GROWTH_SAMPLES = 10
 GROWTH_MIN_BYTES = 32 << 20
 SLOT_HEADROOM = 1.25
+_NO_WORKER = WorkerState(-1, -1)
 
 
 class Server:
@@ -116,7 +121,7 @@ class Server:
         self.ctx: zmq.Context[zmq.Socket[bytes]] | None = None
         self.clients: zmq.Socket[bytes] | None = None
         self.workers_sock: zmq.Socket[bytes] | None = None
-        self.pool: Pool | None = None
+        self.pool: Any = None  # Pool, or RayPool with --backend ray
         self.sched: Scheduler | None = None
         self.seqs: list[Any] = []
         self.start_failures = 0
@@ -133,6 +138,10 @@ class Server:
         self.mem_history: dict[int, deque[tuple[int, int]]] = {}  # wid -> (done, memory)
         self.growing: set[int] = set()
         self._wake_r = self._wake_w = -1
+        self._on_signal: Callable[[int, Any], None] | None = None
+        self._secret = secrets.token_hex(16)  # workers prove with it that we started them
+        self._authed: set[int] = set()  # incarnations that did
+        self._worker_copy = True  # recv worker frames as bytes (False: big payloads come)
         self._last_housekeeping = 0.0
         self._last_oversize_warn = 0.0
         self._warned_oversize = 0
@@ -174,6 +183,7 @@ class Server:
         self.workers_sock.setsockopt(zmq.RCVHWM, 0)
         worker_address = f"ipc://{self.rundir}/workers.sock"
         self.workers_sock.bind(worker_address)
+        os.chmod(self.rundir / "workers.sock", 0o600)
         self.poller.register(self.workers_sock, zmq.POLLIN)
         self.poller.register(self.clients, zmq.POLLIN)
         if self._wake_r >= 0:
@@ -185,14 +195,17 @@ class Server:
         if cfg.slot_bytes is not None:
             self._make_ring(cfg.slot_bytes)
         template = WorkerSpec(
-            worker=0, incarnation=0, count=cfg.workers, kind=cfg.worker_type,
+            worker=0, incarnation=0, count=cfg.workers,
+            kind="ray" if cfg.backend == "ray" else cfg.worker_type,
             address=worker_address,
             sources=[SequenceSource(obj=seq) for seq in self.seqs] if thread
             else list(self.sources.values()),
             server_id=self.server_id, shm_dir=str(self.shm_dir),
             on_epoch_end=not thread, log_level=logging.getLevelName(log.getEffectiveLevel()),
+            secret=self._secret,
         )
-        self.pool = Pool(template, cfg.start_method)
+        self.pool = self._ray_pool(template) if cfg.backend == "ray" else Pool(
+            template, cfg.start_method)
         self.sched.worker_count = cfg.workers
         for i in range(cfg.workers):
             self._start_worker(i)
@@ -203,6 +216,26 @@ class Server:
         if self.ring is None:
             self._probe(deadline)
         self.state = "running"
+
+    def _ray_pool(self, template: WorkerSpec) -> Any:
+        """Start or join Ray; actors that cannot share our memory reach us over TCP."""
+        from dataserver.ray_backend import RayPool
+
+        assert self.workers_sock is not None
+        pool = RayPool(template, self.config.ray_address)
+        if self._on_signal is not None:  # Ray installed its own (crash-report) handlers
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, self._on_signal)
+        tcp = ""
+        if self.config.ray_transport != "shm":
+            self.workers_sock.bind(f"tcp://{pool.node_ip()}:*")
+            tcp = self.workers_sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            self._worker_copy = False
+            log.info("ray workers on other hosts reach this server at %s", tcp)
+        pool.template = replace(
+            template, tcp_address=tcp, transport=self.config.ray_transport,
+            paths=tuple(p for p in sys.path if p and os.path.isdir(p)), pidns=pid_namespace())
+        return pool
 
     def _bind_clients(self) -> None:
         assert self.ctx is not None
@@ -347,7 +380,7 @@ class Server:
         events = dict(self.poller.poll(timeout_ms))
         self._reap_frames()  # before answering anything: status must not count sent frames
         if self.workers_sock in events:
-            self._drain(self.workers_sock, self._on_worker_frames)
+            self._drain(self.workers_sock, self._on_worker_frames, self._worker_copy)
         if self.clients in events:
             self._drain(self.clients, self._on_client_frames)
         for fd, inc in list(self._sentinels.items()):
@@ -362,12 +395,13 @@ class Server:
             self._housekeeping(now)
         self._flush()
 
-    def _drain(self, sock: zmq.Socket[bytes], handle: Callable[[list[bytes]], None]) -> None:
+    def _drain(self, sock: zmq.Socket[bytes], handle: Callable[[list[Any]], None],
+               copy: bool = True) -> None:
         # recv until zmq.Again: one raise per drain is cheaper than asking ZMQ_EVENTS before
         # every message (3.7 us each, measured)
         for _ in range(10000):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=copy)
             except zmq.Again:
                 return
             handle(frames)
@@ -428,10 +462,59 @@ class Server:
 
     # --- workers ----------------------------------------------------------------------------
 
-    def _on_worker_frames(self, frames: list[bytes]) -> None:
-        wid = int(frames[0][1:])
-        for frame in frames[1:]:
-            self._on_worker_message(wid, decode(frame))
+    def _on_worker_frames(self, frames: list[Any]) -> None:
+        """One multipart message from a worker: messages, each ``Made`` followed by its batch.
+        Trust nothing: the endpoint may be TCP (Ray workers on other hosts)."""
+        if not self._worker_copy:  # zmq.Frame objects; only big Made payloads stay frames
+            frames = [f if len(f) > 65536 else f.bytes for f in frames]
+        ident = frames[0]
+        try:
+            wid = int(ident[1:]) if ident[:1] == b"w" else -1
+            i = 1
+            while i < len(frames):
+                msg = decode(frames[i], MAX_CONSUMER_MESSAGE_BYTES)
+                i += 1
+                if wid not in self._authed:
+                    if not isinstance(msg, WorkerReady | StartFailed) or msg.worker != wid \
+                            or not secrets.compare_digest(msg.secret, self._secret):
+                        raise ProtocolError("it did not present this server's worker secret")
+                    self._authed.add(wid)
+                if isinstance(msg, Made):
+                    if i >= len(frames):
+                        raise ProtocolError("Made without its batch frame")
+                    self._on_made(wid, msg, frames[i])
+                    i += 1
+                else:
+                    self._on_worker_message(wid, msg)
+        except (ProtocolError, ValueError) as exc:
+            log.warning("dropped a message from worker socket peer %r: %s", bytes(ident)[:32],
+                        exc)
+
+    def _on_made(self, wid: int, msg: Made, payload: Any) -> None:
+        """A worker that cannot see the ring sent batch ``bid``: place it in its slot, or in a
+        one-off segment when it does not fit (the server owns and unlinks those anyway)."""
+        sched = self.sched
+        assert sched is not None
+        data = memoryview(payload.buffer if isinstance(payload, zmq.Frame) else payload)
+        if data.nbytes != msg.nbytes:
+            raise ProtocolError(f"Made says {msg.nbytes} bytes, its frame has {data.nbytes}")
+        e = sched.by_bid.get(msg.bid)
+        if e is None or e.bid not in sched.workers.get(wid, _NO_WORKER).inflight:
+            return  # a late answer for a batch given to another worker
+        src = np.frombuffer(data, np.uint8)
+        segment = ""
+        if e.slot >= 0 and msg.nbytes <= sched.slot_bytes and self.ring is not None:
+            start = e.slot * sched.slot_bytes
+            np.frombuffer(self.ring.mm, np.uint8, msg.nbytes, start)[:] = src
+        else:
+            segment = f"{shm.PREFIX}{self.server_id}-big-{msg.bid}"
+            seg = shm.create(self.shm_dir / segment, max(msg.nbytes, 1),
+                             f"batch of {msg.nbytes} bytes")
+            try:
+                np.frombuffer(seg.mm, np.uint8, msg.nbytes)[:] = src
+            finally:
+                seg.close()
+        self._on_worker_message(wid, Done(msg.bid, segment, msg.nbytes, msg.layout, msg.busy_s))
 
     def _on_worker_message(self, wid: int, msg: Message) -> None:
         sched = self.sched
@@ -450,12 +533,23 @@ class Server:
             sched.exhausted(wid, msg.bid)
         elif isinstance(msg, Raised):
             sched.raised(wid, msg.bid, msg.type_name, msg.message, msg.traceback)
+        elif isinstance(msg, WorkerMemory):
+            w = sched.workers.get(wid)
+            if w is not None:
+                w.memory = {k: (v if v >= 0 else None) for k, v in
+                            (("rss", msg.rss), ("uss", msg.uss), ("pss", msg.pss),
+                             ("swap", msg.swap))}
         elif isinstance(msg, WorkerReady):
             w = sched.workers.get(wid)
             if w is None:
                 return
             w.pid = msg.pid
-            if self.ring is not None:
+            w.frames = msg.frames
+            w.host = msg.host
+            h = self.pool.handles.get(wid)
+            if h is not None and h.process is None and h.thread is None:
+                h.pid = msg.pid  # a Ray actor's handle learns its pid here
+            if self.ring is not None and not w.frames:
                 self._send_worker(wid, UseRing(self.ring_name, sched.slot_bytes, sched.slots))
             w.ready = True
             self.start_failures = 0
@@ -486,12 +580,13 @@ class Server:
             return
         if h.process is not None:
             h.process.join(1.0)
+        self._authed.discard(inc)
         w = self.sched.workers.get(inc)
         if w is not None and w.retiring and not w.inflight:  # stopped by a cap, replaced
             self.sched.worker_gone(inc, w.retiring)
             self._forget_worker(inc)
             return
-        reason = f"worker {h.spec.worker} (pid {h.pid}) {h.exit_reason()}"
+        reason = f"worker {h.spec.worker} (pid {w.pid if w else h.pid}) {h.exit_reason()}"
         self._replace(inc, reason)
 
     def _replace(self, inc: int, reason: str, quarantine: bool = False) -> None:
@@ -518,6 +613,7 @@ class Server:
     def _forget_worker(self, inc: int) -> None:
         assert self.pool is not None
         self.pool.forget(inc)
+        self._authed.discard(inc)
         for table in (self.mem_history, self._retire_since, self._retire_asked):
             table.pop(inc, None)
         self.growing.discard(inc)
@@ -531,7 +627,11 @@ class Server:
         for inc, h in self.pool.handles.items():
             index = h.spec.worker
             key = str(index) if inc == self._current(index) else f"{index} (retiring, #{inc})"
-            if h.process is not None and h.pid:
+            w = self.sched.workers.get(inc) if self.sched else None
+            if w is not None and w.frames:
+                out[key] = (f"(Ray actor pid {w.pid} on {w.host}: run `ray stack` on that node, "
+                            "or use the Ray dashboard)")
+            elif h.killable and h.pid:
                 path = Path(stack_file(h.spec.address, inc))
                 size = path.stat().st_size if path.exists() else 0
                 with contextlib.suppress(ProcessLookupError):
@@ -677,7 +777,7 @@ class Server:
                 h = self.pool.handles.get(wid)
                 what = f"worker {sched.workers[wid].index} exceeded --batch-timeout " \
                        f"{timeout:g} s on batch {e.index}"
-                if h is not None and h.process is not None:
+                if h is not None and h.killable:
                     log.warning("%s; killing it", what)
                     self.pool.kill(wid)  # its sentinel fires; _on_worker_exit replaces it
                 else:
@@ -713,8 +813,9 @@ class Server:
                     pool.kill(w.wid)
                 continue
             why = ""
-            if cfg.worker_type == "process":
-                mem = self.monitor.process(w.pid).get(cfg.memory_kind)
+            if cfg.backend == "ray" or cfg.worker_type == "process":
+                mem = (w.memory if cfg.backend == "ray" else self.monitor.process(w.pid)
+                       ).get(cfg.memory_kind)
                 self._note_memory(w, mem)
                 if cfg.max_worker_memory and mem and mem > cfg.max_worker_memory:
                     why = (f"uses {shm.format_bytes(mem)} {cfg.memory_kind.upper()}, over "
@@ -795,6 +896,7 @@ class Server:
                 log.info("%s received; shutting down", signal.Signals(signum).name)
             self.stopping = True
 
+        self._on_signal = on_signal  # re-installed after Ray's init replaced it
         old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         old_fd = signal.set_wakeup_fd(self._wake_w)
 
@@ -825,6 +927,7 @@ class Server:
             connected = {w.wid for w in self.sched.workers.values() if w.ready} if self.sched \
                 else set()
             self.pool.stop_all(lambda inc: self._send_worker(inc, Stop()), connected)
+            self.pool.close()
         if self.workers_sock is not None:
             self.workers_sock.close(0)
         if self.authenticator is not None:

@@ -7,6 +7,8 @@ a parent-pid check every ``POLL_INTERVAL_S`` elsewhere.
 A task ``[bid, epoch, index, slot]`` is produced by calling ``seq[index]``, planning its layout,
 and copying it into ring slot ``slot`` (or, when it does not fit or ``slot`` is -1, into a
 one-off segment the worker creates under the server's name; the server owns and unlinks it).
+A worker that cannot see the server's shared memory (a Ray actor on another host) sends each
+batch instead as a ``Made`` message and one frame of bytes, which the server places.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections import deque
@@ -29,16 +32,19 @@ import numpy as np
 import zmq
 
 from dataserver import layout, shm
+from dataserver._proc import pid_namespace
 from dataserver.alloc import empty, full, slot_allocation, zeros
 from dataserver.errors import SharedMemoryError
 from dataserver.protocol import (
     Done,
     Exhausted,
+    Made,
     Raised,
     StartFailed,
     Stop,
     Tasks,
     UseRing,
+    WorkerMemory,
     WorkerReady,
     decode,
     encode,
@@ -48,6 +54,8 @@ from dataserver.source import SequenceSource, WorkerInfo, set_worker_info
 __all__ = ["WorkerSpec", "empty", "full", "stack_file", "worker_main", "zeros"]
 
 POLL_INTERVAL_S = 0.5
+#: Ray workers report their own memory (the server may be on another host) this often.
+MEMORY_REPORT_S = 1.0
 log = logging.getLogger("dataserver.worker")
 
 
@@ -56,7 +64,7 @@ class WorkerSpec:
     worker: int  # stable index 0..count-1 (worker_info().id)
     incarnation: int  # unique per started worker; its socket identity and message id
     count: int
-    kind: str  # "process" or "thread"
+    kind: str  # "process", "thread" or "ray" (a Ray actor)
     address: str  # the server's private worker endpoint
     sources: list[SequenceSource]  # one per dataset, in the server's order
     server_id: str
@@ -64,6 +72,33 @@ class WorkerSpec:
     on_epoch_end: bool  # call the Sequence's on_epoch_end here (process workers)
     log_level: str = "WARNING"
     skip: tuple[int, ...] = ()  # per dataset: generator items a predecessor already made
+    secret: str = ""  # proves to the server that this worker is one it started
+    # Ray actors only:
+    tcp_address: str = ""  # the worker endpoint for actors on other hosts
+    transport: str = "auto"  # auto: shared memory when on the server's host; shm; frames
+    paths: tuple[str, ...] = ()  # the server's code folders, added to sys.path where present
+    pidns: int = 0  # the server's pid namespace
+
+
+def local_to_server(spec: WorkerSpec) -> bool:
+    """Whether this process sees the server's shared memory and sockets: the server's lock file
+    (named by its unique id) exists here, and pids are comparable."""
+    lock = Path(spec.shm_dir) / f"{shm.PREFIX}{spec.server_id}.lock"
+    return spec.pidns == pid_namespace() and lock.exists()
+
+
+def ray_transport(spec: WorkerSpec) -> str:
+    """"shm" or "frames" for this Ray actor; raises ConfigError if shm is asked for and
+    impossible."""
+    local = local_to_server(spec)
+    if spec.transport == "shm" and not local:
+        from dataserver.errors import ConfigError
+
+        raise ConfigError(f"--ray-transport shm: this Ray actor (host {os.uname().nodename}) "
+                          "cannot see the server's shared memory; use auto or frames")
+    if spec.transport == "frames" or not local:
+        return "frames"
+    return "shm"
 
 
 def _die_with_parent() -> None:
@@ -82,8 +117,10 @@ def _error_fields(exc: BaseException) -> tuple[str, str, str]:
 
 
 class _Worker:
-    def __init__(self, spec: WorkerSpec, sock: zmq.Socket[bytes], seqs: list[Any]) -> None:
+    def __init__(self, spec: WorkerSpec, sock: zmq.Socket[bytes], seqs: list[Any],
+                 frames: bool = False) -> None:
         self.spec = spec
+        self.frames = frames  # send batches as frames instead of writing the ring
         self.sock = sock
         self.seqs = seqs
         self.epochs = [0] * len(seqs)  # on_epoch_end calls so far, per dataset
@@ -93,13 +130,15 @@ class _Worker:
         self.dir = Path(spec.shm_dir)
         # our parent: the server, or with forkserver the fork server (which dies with it)
         self.parent = os.getppid()
+        self.next_report = 0.0
 
     def use_ring(self, msg: UseRing) -> None:
         self.ring = shm.attach(self.dir / msg.ring, writable=True)
         self.ring_array = np.frombuffer(self.ring.mm, np.uint8)
         self.slot_bytes = msg.slot_bytes
 
-    def run_task(self, bid: int, ds: int, epoch: int, index: int, slot: int) -> bytes:
+    def run_task(self, bid: int, ds: int, epoch: int, index: int, slot: int
+                 ) -> bytes | list[Any]:
         """Produce one batch; return the answer to send (Done or Raised)."""
         spec = self.spec
         t0 = time.perf_counter()
@@ -133,7 +172,7 @@ class _Worker:
         return self.ring_array[start : start + self.slot_bytes]
 
     def finish(self, bid: int, index: int, slot: int, batch: Any, t0: float,
-               allocated: Any = None) -> bytes:
+               allocated: Any = None) -> bytes | list[Any]:
         """Lay the batch out, write it into its slot (or a one-off segment); the answer."""
         try:
             region = self.slot_region(slot)
@@ -145,6 +184,11 @@ class _Worker:
             if allocated is not None and allocated.used:
                 inplace = (allocated.region.__array_interface__["data"][0], allocated.used)
             plan = layout.plan(batch, index, inplace)
+            if self.frames:
+                payload = np.empty(plan.nbytes, np.uint8)
+                layout.write(plan, payload)
+                return [encode(Made(bid, plan.nbytes, plan.layout, time.perf_counter() - t0)),
+                        payload]
             segment = ""
             if region is not None and plan.nbytes <= self.slot_bytes:
                 layout.write(plan, region[: plan.nbytes])
@@ -176,6 +220,8 @@ class _Worker:
         poll_ms = int(POLL_INTERVAL_S * 1000)
         queue: deque[list[int]] = deque()
         while True:
+            if self.spec.kind == "ray" and time.monotonic() >= self.next_report:
+                self.report_memory()
             if not queue and not self.sock.poll(poll_ms):
                 if self.spec.kind == "process" and os.getppid() != self.parent:
                     return  # the server (or the fork server that started us) is gone
@@ -189,7 +235,24 @@ class _Worker:
                 elif isinstance(msg, Stop):
                     return
             if queue:
-                self.sock.send(self.run_task(*queue.popleft()))
+                answer = self.run_task(*queue.popleft())
+                if type(answer) is list:
+                    self.sock.send_multipart(answer, copy=False)
+                else:
+                    self.sock.send(answer)  # type: ignore[arg-type]
+
+    def report_memory(self) -> None:
+        """Ray actors: the server may not see this process, so it hears our memory from us."""
+        import psutil
+
+        self.next_report = time.monotonic() + MEMORY_REPORT_S
+        try:
+            mem = psutil.Process().memory_full_info()
+        except psutil.Error:
+            return
+        self.sock.send(encode(WorkerMemory(self.spec.incarnation, mem.rss,
+                                           getattr(mem, "uss", -1), getattr(mem, "pss", -1),
+                                           getattr(mem, "swap", -1))))
 
 
 def stack_file(address: str, incarnation: int) -> str:
@@ -198,40 +261,57 @@ def stack_file(address: str, incarnation: int) -> str:
 
 
 def worker_main(spec: WorkerSpec) -> None:
-    """Entry point of a worker process or thread."""
+    """Entry point of a worker process, thread or Ray actor."""
     process = spec.kind == "process"
+    own_process = spec.kind != "thread"
+    frames = False
+    address = spec.address
     stacks = None
+    start_error: BaseException | None = None
+    if spec.kind == "ray":
+        try:
+            frames = ray_transport(spec) == "frames"
+        except BaseException as exc:  # reported once connected, below
+            start_error = exc
+            frames = True
+        address = spec.tcp_address if frames else spec.address
     if process:
         _die_with_parent()
+    if own_process and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when workers stop
         # forked workers inherit the server's handlers and wake-up pipe: undo both
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
-        # `dataserver status --stacks`: SIGUSR1 dumps every thread's Python stack to this file
-        stacks = open(stack_file(spec.address, spec.incarnation), "w")  # noqa: SIM115
-        faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+        if not frames:
+            # `dataserver status --stacks`: SIGUSR1 dumps every thread's Python stack here
+            stacks = open(stack_file(spec.address, spec.incarnation), "w")  # noqa: SIM115
+            faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+    if own_process:
         logging.basicConfig(
             level=spec.log_level,
             format=f"[worker {spec.worker}/{spec.count} pid {os.getpid()}] %(message)s",
         )
-    ctx = zmq.Context() if process else zmq.Context.instance()
+    ctx = zmq.Context() if own_process else zmq.Context.instance()
     sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 2000)
     sock.setsockopt(zmq.IDENTITY, f"w{spec.incarnation}".encode())
-    sock.connect(spec.address)
+    sock.connect(address)
     worker: _Worker | None = None
     try:
-        set_worker_info(WorkerInfo(spec.worker, spec.count, 0, spec.kind), not process)
+        set_worker_info(WorkerInfo(spec.worker, spec.count, 0, spec.kind), not own_process)
         try:
+            if start_error is not None:
+                raise start_error
             seqs = [source.load() for source in spec.sources]
             for ds, skip in enumerate(spec.skip):  # a replacement resumes its generators
                 for _ in range(skip if spec.sources[ds].generator else 0):
                     next(seqs[ds], None)
         except BaseException as exc:
-            sock.send(encode(StartFailed(spec.incarnation, *_error_fields(exc))))
+            sock.send(encode(StartFailed(spec.incarnation, spec.secret, *_error_fields(exc))))
             return
-        sock.send(encode(WorkerReady(spec.incarnation, os.getpid())))
-        worker = _Worker(spec, sock, seqs)
+        sock.send(encode(WorkerReady(spec.incarnation, os.getpid(), spec.secret, frames,
+                                     os.uname().nodename)))
+        worker = _Worker(spec, sock, seqs, frames)
         worker.serve()
     finally:
         if stacks is not None:
@@ -241,5 +321,5 @@ def worker_main(spec: WorkerSpec) -> None:
             worker.ring_array = None
             worker.ring.close()
         sock.close()
-        if process:
+        if own_process:
             ctx.term()
