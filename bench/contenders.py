@@ -38,11 +38,15 @@ import numpy as np
 from bench import memory
 from bench.workload import BenchError, Checker, Workload
 
-__all__ = ["CONTENDERS", "DATASERVER", "PEERS", "measure", "read_epoch"]
+__all__ = ["CONTENDERS", "DATASERVER", "OPTIONAL", "PEERS", "RAY", "measure", "read_epoch"]
 
 DATASERVER = ("process", "thread", "zerocopy", "frames")
+#: --backend ray (pip install -e '.[ray]'): not in the default run (each starts a private Ray,
+#: ~4 s); ask for them with --only, e.g. --only process,frames,ray,ray-frames.
+RAY = ("ray", "ray-frames")
 PEERS = ("keras-proc", "keras-thread", "torch")  # bench.peers.PEERS, without importing it
 CONTENDERS = ("inline", "ring", *DATASERVER, *PEERS)
+OPTIONAL = RAY
 RING_SLOTS = 4
 #: inline and ring first run untimed for this fraction of ``min_s`` (the dataservers' epoch 1
 #: plays that part for them): first-touch page faults, allocator and cache warm-up.
@@ -156,14 +160,22 @@ def read_epoch(rs: Any, check: Checker, n: int) -> tuple[float, float, int]:
 
 
 def measure_dataserver(wl: Workload, check: Checker, kind: str, run_dir: Path,
-                       workers: int = 2, transport: str = "auto") -> dict[str, Any]:
+                       workers: int = 2, transport: str = "auto",
+                       ray_transport: str | None = None) -> dict[str, Any]:
     from dataserver import DataServer
     from dataserver.client import RemoteSequence
+    from dataserver.status import fetch_status
 
     n = len(wl)
     endpoint = f"ipc://{run_dir}/bench-{kind}-{next(_servers)}.sock"
+    if ray_transport is None:
+        server = DataServer(wl, workers=workers, worker_type=kind, endpoint=endpoint)
+    else:  # Ray actors import the workload from its SPEC
+        server = DataServer(spec="bench.workload:Workload", endpoint=endpoint, workers=workers,
+                            args={"nbytes": wl.nbytes, "n": wl.n, "cpu_us": wl.cpu_us},
+                            backend="ray", ray_transport=ray_transport)
     t0 = perf_counter()
-    with DataServer(wl, workers=workers, worker_type=kind, endpoint=endpoint) as server:
+    with server:
         startup = perf_counter() - t0
         t0 = perf_counter()
         with RemoteSequence(server.endpoint, timeout=60, transport=transport) as rs:
@@ -173,8 +185,10 @@ def measure_dataserver(wl: Workload, check: Checker, kind: str, run_dir: Path,
             rs.on_epoch_end()
             t_start2 = perf_counter()
             t_first2, t_end2, _ = read_epoch(rs, check, n)
-            # the workers are the server's children (none: thread workers, in the server)
-            pids = memory.children(server.pid) if server.pid else set()
+            # the workers are the server's children (none: thread workers, in the server);
+            # Ray actors are Ray's children: their pids come from status
+            pids = memory.children(server.pid) if server.pid and ray_transport is None else {
+                w["pid"] for w in fetch_status(server.endpoint)["workers"]}
             mem = memory.sample(pids, server_pid=server.pid)
         t_stop = perf_counter()
     stopped = perf_counter() - t_stop  # DataServer.close(): server, workers and segments gone
@@ -203,10 +217,14 @@ def measure(contender: str, wl: Workload, check: Checker, *, min_s: float, shm_d
         return measure_dataserver(wl.zero_copy(), check, "process", run_dir)
     if contender == "frames":  # process workers, the bytes sent as ZeroMQ frames (ipc)
         return measure_dataserver(wl, check, "process", run_dir, transport="frames")
+    if contender in RAY:  # Ray actors: writing the ring, or sending frames over TCP
+        return measure_dataserver(wl, check, "process", run_dir,
+                                  ray_transport="frames" if contender == "ray-frames" else "auto")
     if contender in PEERS:
         from bench import peers
 
         if contender == "torch":
             return peers.measure_torch(wl, check)
         return peers.measure_keras(wl, check, use_multiprocessing=contender == "keras-proc")
-    raise ValueError(f"unknown contender {contender!r}; known: {', '.join(CONTENDERS)}")
+    raise ValueError(f"unknown contender {contender!r}; known: "
+                     f"{', '.join(CONTENDERS + OPTIONAL)}")

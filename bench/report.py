@@ -15,7 +15,8 @@ __all__ = ["bars", "machine", "medians", "table"]
 
 LABELS = {"inline": "inline", "ring": "one-copy ring", "process": "dataserver process",
           "thread": "dataserver thread", "zerocopy": "dataserver zero-copy",
-          "frames": "dataserver frames",
+          "frames": "dataserver frames", "ray": "dataserver Ray actors (shm)",
+          "ray-frames": "dataserver Ray actors (frames over TCP)",
           "keras-proc": "Keras PyDataset processes", "keras-thread": "Keras PyDataset threads",
           "torch": "PyTorch DataLoader"}
 FIGURES = ("batches_per_s", "gb_per_s", "ttfb_s", "ttfb2_s", "stall_s", "startup_s", "connect_s",

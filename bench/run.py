@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import chart, memory, report, targets
-from bench.contenders import CONTENDERS, RING_PREFIX, measure
+from bench.contenders import CONTENDERS, OPTIONAL, RAY, RING_PREFIX, measure
 from bench.workload import Checker, Workload
 
 __all__ = ["GRID", "main"]
@@ -64,7 +64,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale", type=float, default=1.0, help="multiply every batch count")
     p.add_argument("--sizes", help="only these batch sizes, e.g. 4KiB,32MiB")
     p.add_argument("--cpu-us", help="only these cpu_us values, e.g. 0 or 0,2000")
-    p.add_argument("--only", help=f"only these contenders, of {','.join(CONTENDERS)}")
+    p.add_argument("--only", help=f"only these contenders, of {','.join(CONTENDERS)} (and, "
+                   f"only when named here, {','.join(OPTIONAL)}: --backend ray)")
     p.add_argument("--min-s", type=float,
                    help="least time per inline/ring measurement (default 0.5 s, 0.05 quick)")
     p.add_argument("--keras", action="store_true", help="instead: Keras fit steps/s fed by the "
@@ -81,7 +82,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if a.quick:
         a.scale /= 20
     a.contenders = [c.strip() for c in a.only.split(",")] if a.only else list(CONTENDERS)
-    bad = sorted(set(a.contenders) - set(CONTENDERS))
+    bad = sorted(set(a.contenders) - set(CONTENDERS) - set(OPTIONAL))
     if bad or a.reps < 1 or a.scale <= 0:
         p.error(f"unknown contenders {bad}" if bad else "--reps and --scale must be positive")
     sizes = {_size(s) for s in a.sizes.split(",")} if a.sizes else None
@@ -197,6 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     from bench import peers  # imports the peers' frameworks now, before any measurement
 
     skipped, versions = peers.available(a.contenders)
+    if any(c in RAY for c in a.contenders):
+        try:
+            import ray
+
+            versions["ray"] = ray.__version__
+        except ImportError:
+            skipped.update(dict.fromkeys((c for c in a.contenders if c in RAY),
+                                         "Ray is not installed (pip install -e '.[ray]')"))
     a.contenders = [c for c in a.contenders if c not in skipped]
     m = report.machine()
     m.update(versions)
@@ -222,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     target_lines, target_verdicts = targets.evaluate(rows)
     print("\n## targets (issue 7)\n")
     print("\n".join(target_lines))
+    scale_lines = targets.scale_out(rows)
+    if scale_lines:
+        print("\n## scale-out (issue 9): ratios of batches/s\n")
+        print("\n".join(scale_lines))
     left = leftovers(before)
     leaked = [r for r in raw if r.get("left_in_shm") or r.get("left_running")]
     errors = [r for r in raw if "error" in r]

@@ -11,7 +11,7 @@ from typing import Any
 from bench.contenders import DATASERVER, PEERS
 from bench.report import LABELS, MIB
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "scale_out"]
 
 KIB4, MIB1, MIB32 = 4 << 10, 1 << 20, 32 << 20
 #: (batch bytes, cpu_us, contender, baseline, least ratio); baseline "best peer" is the fastest
@@ -126,3 +126,22 @@ def evaluate(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
     passed = sum(1 for v in verdicts.values() if v["pass"])
     lines.append(f"- {passed} of {len(verdicts)} measured targets PASS")
     return lines, verdicts
+
+
+#: Issue 9's comparisons (no bound is set; the README explains the overheads): each pair is
+#: (contender, baseline) on every workload where both were measured.
+SCALE_OUT = [("frames", "process"), ("ray", "process"), ("ray-frames", "frames"),
+             ("ray-frames", "process")]
+
+
+def scale_out(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per workload and pair, e.g. ``4 KiB cpu 0: ray / process = 0.93x``."""
+    lines = []
+    for nbytes, cpu in sorted({(r["nbytes"], r["cpu_us"]) for r in rows}):
+        for who, base in SCALE_OUT:
+            a, b = _ok(rows, nbytes, cpu, who), _ok(rows, nbytes, cpu, base)
+            if a and b:
+                lines.append(f"- {_size(nbytes)} cpu {cpu}: {who} / {base} = "
+                             f"{a['batches_per_s'] / b['batches_per_s']:.2f}x "
+                             f"({a['batches_per_s']:,.0f} vs {b['batches_per_s']:,.0f} batches/s)")
+    return lines
