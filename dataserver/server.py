@@ -38,6 +38,7 @@ from dataserver._proc import pid_alive, pid_namespace
 from dataserver.config import ServerConfig
 from dataserver.curve import secure_server
 from dataserver.errors import ConfigError, DataServerError, ProtocolError, SharedMemoryError
+from dataserver.fifo import Inbox
 from dataserver.logs import setup_logging
 from dataserver.monitor import Monitor
 from dataserver.pool import Pool
@@ -141,6 +142,7 @@ class Server:
         self._on_signal: Callable[[int, Any], None] | None = None
         self._secret = secrets.token_hex(16)  # workers prove with it that we started them
         self._authed: set[int] = set()  # incarnations that did
+        self.answers: Inbox | None = None
         self._worker_copy = True  # recv worker frames as bytes (False: big payloads come)
         self._last_housekeeping = 0.0
         self._last_oversize_warn = 0.0
@@ -184,6 +186,8 @@ class Server:
         worker_address = f"ipc://{self.rundir}/workers.sock"
         self.workers_sock.bind(worker_address)
         os.chmod(self.rundir / "workers.sock", 0o600)
+        self.answers = Inbox(str(self.rundir / "answers.fifo"))
+        self.poller.register(self.answers.fd, zmq.POLLIN)
         self.poller.register(self.workers_sock, zmq.POLLIN)
         self.poller.register(self.clients, zmq.POLLIN)
         if self._wake_r >= 0:
@@ -202,7 +206,7 @@ class Server:
             else list(self.sources.values()),
             server_id=self.server_id, shm_dir=str(self.shm_dir),
             on_epoch_end=not thread, log_level=logging.getLevelName(log.getEffectiveLevel()),
-            secret=self._secret,
+            secret=self._secret, answers=self.answers.path,
         )
         self.pool = self._ray_pool(template) if cfg.backend == "ray" else Pool(
             template, cfg.start_method)
@@ -379,6 +383,8 @@ class Server:
         assert self.clients is not None and self.workers_sock is not None
         events = dict(self.poller.poll(timeout_ms))
         self._reap_frames()  # before answering anything: status must not count sent frames
+        if self.answers is not None and self.answers.fd in events:
+            self._on_answers()
         if self.workers_sock in events:
             self._drain(self.workers_sock, self._on_worker_frames, self._worker_copy)
         if self.clients in events:
@@ -489,6 +495,20 @@ class Server:
         except (ProtocolError, ValueError) as exc:
             log.warning("dropped a message from worker socket peer %r: %s", bytes(ident)[:32],
                         exc)
+
+    def _on_answers(self) -> None:
+        """Answers from the FIFO (dataserver.fifo): only Done, Raised and Exhausted, only
+        from workers that presented the secret."""
+        assert self.answers is not None
+        for wid, data in self.answers.read():
+            try:
+                msg = decode(data, MAX_CONSUMER_MESSAGE_BYTES)
+                if wid not in self._authed or not isinstance(msg, Done | Raised | Exhausted):
+                    raise ProtocolError(f"{type(msg).__name__} from worker {wid} is not an answer "
+                                        "it may send there")
+                self._on_worker_message(wid, msg)
+            except ProtocolError as exc:
+                log.warning("dropped a record from the answer FIFO: %s", exc)
 
     def _on_made(self, wid: int, msg: Made, payload: Any) -> None:
         """A worker that cannot see the ring sent batch ``bid``: place it in its slot, or in a
@@ -930,6 +950,8 @@ class Server:
             self.pool.close()
         if self.workers_sock is not None:
             self.workers_sock.close(0)
+        if self.answers is not None:
+            self.answers.close()
         if self.authenticator is not None:
             self.authenticator.stop()
         if self.ctx is not None:

@@ -35,6 +35,7 @@ from dataserver import layout, shm
 from dataserver._proc import pid_namespace
 from dataserver.alloc import empty, full, slot_allocation, zeros
 from dataserver.errors import SharedMemoryError
+from dataserver.fifo import Outbox
 from dataserver.protocol import (
     Done,
     Exhausted,
@@ -73,6 +74,7 @@ class WorkerSpec:
     log_level: str = "WARNING"
     skip: tuple[int, ...] = ()  # per dataset: generator items a predecessor already made
     secret: str = ""  # proves to the server that this worker is one it started
+    answers: str = ""  # the server's answer FIFO (dataserver.fifo); "": answer by socket
     # Ray actors only:
     tcp_address: str = ""  # the worker endpoint for actors on other hosts
     transport: str = "auto"  # auto: shared memory when on the server's host; shm; frames
@@ -118,8 +120,9 @@ def _error_fields(exc: BaseException) -> tuple[str, str, str]:
 
 class _Worker:
     def __init__(self, spec: WorkerSpec, sock: zmq.Socket[bytes], seqs: list[Any],
-                 frames: bool = False) -> None:
+                 frames: bool = False, answers: Outbox | None = None) -> None:
         self.spec = spec
+        self.answers = answers
         self.frames = frames  # send batches as frames instead of writing the ring
         self.sock = sock
         self.seqs = seqs
@@ -238,7 +241,7 @@ class _Worker:
                 answer = self.run_task(*queue.popleft())
                 if type(answer) is list:
                     self.sock.send_multipart(answer, copy=False)
-                else:
+                elif self.answers is None or not self.answers.send(answer):  # type: ignore[arg-type]
                     self.sock.send(answer)  # type: ignore[arg-type]
 
     def report_memory(self) -> None:
@@ -297,6 +300,7 @@ def worker_main(spec: WorkerSpec) -> None:
     sock.setsockopt(zmq.IDENTITY, f"w{spec.incarnation}".encode())
     sock.connect(address)
     worker: _Worker | None = None
+    answers: Outbox | None = None
     try:
         set_worker_info(WorkerInfo(spec.worker, spec.count, 0, spec.kind), not own_process)
         try:
@@ -311,7 +315,9 @@ def worker_main(spec: WorkerSpec) -> None:
             return
         sock.send(encode(WorkerReady(spec.incarnation, os.getpid(), spec.secret, frames,
                                      os.uname().nodename)))
-        worker = _Worker(spec, sock, seqs, frames)
+        if spec.answers and not frames:
+            answers = Outbox(spec.answers, spec.incarnation)
+        worker = _Worker(spec, sock, seqs, frames, answers)
         worker.serve()
     finally:
         if stacks is not None:
@@ -320,6 +326,8 @@ def worker_main(spec: WorkerSpec) -> None:
         if worker is not None and worker.ring is not None:
             worker.ring_array = None
             worker.ring.close()
+        if answers is not None:
+            answers.close()
         sock.close()
         if own_process:
             ctx.term()
