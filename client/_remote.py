@@ -28,6 +28,7 @@ from dataserver.errors import (
     ServerUnavailable,
     WorkerDiedError,
 )
+from dataserver.fifo import Inbox, Outbox
 from dataserver.protocol import (
     VERSION,
     Alive,
@@ -37,7 +38,9 @@ from dataserver.protocol import (
     Fetch,
     Hello,
     Message,
+    OpenPipes,
     Ping,
+    Pipes,
     Pong,
     Ready,
     Refused,
@@ -128,6 +131,9 @@ class RemoteSequence:
         self.copy = copy
         self.timeout = timeout
         self._closed = False
+        self._down: Inbox | None = None  # FIFOs beside the socket (OpenPipes), once granted
+        self._up: Outbox | None = None
+        self._poller: zmq.Poller | None = None
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._sock: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
         self._identity = b"c" + os.urandom(8)
@@ -185,6 +191,8 @@ class RemoteSequence:
         self._ring = None
         if self.transport == "shm" and w.ring:
             self._ring = shm.attach(self._shm_dir / w.ring, writable=False)
+            if same_host:
+                self._send(OpenPipes())
         else:
             self._send(UseFrames())
         self._release_batch = max(1, (self.slots - self.prefetch) // 2)
@@ -231,7 +239,32 @@ class RemoteSequence:
         )
 
     def _send(self, msg: Message) -> None:
-        self._sock.send(encode(msg))
+        data = encode(msg)
+        if self._up is None or not self._up.send(data):
+            self._sock.send(data)
+
+    def _open_pipes(self, msg: Pipes) -> None:
+        """The server granted FIFOs: read its short messages there too, write ours there."""
+        try:
+            down = Inbox(msg.down, create=False)
+        except OSError:  # another user, another mount namespace: the socket it is
+            return
+        try:
+            self._up = Outbox(msg.up, msg.token)
+        except OSError:
+            down.close()
+            return
+        self._down = down
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(down.fd, zmq.POLLIN)
+
+    def _close_pipes(self) -> None:
+        if self._down is not None:
+            self._down.close()
+        if self._up is not None:
+            self._up.close()
+        self._down = self._up = self._poller = None
 
     def _flush_releases(self) -> None:
         if not self._releases:
@@ -245,6 +278,9 @@ class RemoteSequence:
 
     def _handle(self, data: bytes, frames: list[Any] | None = None) -> None:
         msg = decode(data)
+        if isinstance(msg, Pipes):
+            self._open_pipes(msg)
+            return
         if frames:  # frames transport: each Ready item's bytes follow it
             if not isinstance(msg, Ready) or len(frames) != len(msg.items):
                 raise ProtocolError("batch frames do not match the Ready message")
@@ -297,17 +333,27 @@ class RemoteSequence:
         start = heard = time.monotonic()
         pinged = 0.0
         while not ready():
-            if self._sock.poll(POLL_SLICE_MS):
+            if (self._poller.poll(POLL_SLICE_MS) if self._poller is not None
+                    else self._sock.poll(POLL_SLICE_MS)):
                 frames = self.transport == "frames"
+                got: list[tuple[bytes, list[Any] | None]] = []
                 while True:
                     try:
                         if frames:  # batch bytes follow: keep them as zmq frames (no copy)
-                            parts = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                            self._handle(parts[0].bytes, parts[1:])
+                            fparts = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                            got.append((fparts[0].bytes, fparts[1:]))
                         else:
-                            self._handle(self._sock.recv(zmq.NOBLOCK))
+                            got.append((self._sock.recv(zmq.NOBLOCK), None))
                     except zmq.Again:
                         break
+                if self._down is not None:  # after the socket: what the FIFO got before
+                    piped = self._down.read()
+                    if self._down.ended:  # the server closed our FIFO: the socket only
+                        self._close_pipes()
+                    for _token, data in piped:
+                        self._handle(data)
+                for data, rest in got:
+                    self._handle(data, rest)
                 heard = time.monotonic()
                 continue
             now = time.monotonic()
@@ -592,6 +638,7 @@ class RemoteSequence:
             self._send(Bye(held))
             self._sock.close(linger=1000)
         finally:
+            self._close_pipes()
             self._finalizer()
 
     def __enter__(self) -> RemoteSequence:

@@ -39,7 +39,9 @@ __all__ = [
     "Hello",
     "Made",
     "Message",
+    "OpenPipes",
     "Ping",
+    "Pipes",
     "Pong",
     "Raised",
     "Ready",
@@ -247,6 +249,13 @@ class UseFrames(Message):
     namespace): send each batch's bytes as ZeroMQ frames after its Ready message instead."""
 
 
+@_message(13)
+@dataclass(frozen=True, slots=True)
+class OpenPipes(Message):
+    """A consumer on the server's host that maps the ring asks for FIFOs (dataserver.fifo)
+    beside the socket: its short messages then skip ZeroMQ's I/O threads."""
+
+
 # --- server -> consumer --------------------------------------------------------------------
 
 
@@ -327,6 +336,17 @@ class StatusReply(Message):
 @dataclass(frozen=True, slots=True)
 class StreamEnd(Message):
     """Every worker's generator is exhausted and every item was handed out: the stream ended."""
+
+
+@_message(27, "str", "str", "uint")
+@dataclass(frozen=True, slots=True)
+class Pipes(Message):
+    """Read the server's short messages from FIFO ``down`` too; write yours into ``up`` with
+    ``token`` (each may still come over the socket: either path, same meaning)."""
+
+    down: str
+    up: str
+    token: int
 
 
 # --- server <-> worker ---------------------------------------------------------------------

@@ -38,7 +38,7 @@ from dataserver._proc import pid_alive, pid_namespace
 from dataserver.config import ServerConfig
 from dataserver.curve import secure_server
 from dataserver.errors import ConfigError, DataServerError, ProtocolError, SharedMemoryError
-from dataserver.fifo import Inbox
+from dataserver.fifo import MAX_MESSAGE, Inbox, Outbox
 from dataserver.logs import setup_logging
 from dataserver.monitor import Monitor
 from dataserver.pool import Pool
@@ -54,7 +54,9 @@ from dataserver.protocol import (
     Hello,
     Made,
     Message,
+    OpenPipes,
     Ping,
+    Pipes,
     Pong,
     Raised,
     Ready,
@@ -143,6 +145,10 @@ class Server:
         self._secret = secrets.token_hex(16)  # workers prove with it that we started them
         self._authed: set[int] = set()  # incarnations that did
         self.answers: Inbox | None = None
+        self.up: Inbox | None = None  # short messages from local consumers (OpenPipes)
+        self._pipes: dict[bytes, tuple[int, Inbox, Outbox]] = {}  # cid -> token, down FIFO
+        self._by_token: dict[int, bytes] = {}
+        self._next_token = 0
         self._worker_copy = True  # recv worker frames as bytes (False: big payloads come)
         self._last_housekeeping = 0.0
         self._last_oversize_warn = 0.0
@@ -188,6 +194,8 @@ class Server:
         os.chmod(self.rundir / "workers.sock", 0o600)
         self.answers = Inbox(str(self.rundir / "answers.fifo"))
         self.poller.register(self.answers.fd, zmq.POLLIN)
+        self.up = Inbox(str(self.rundir / "up.fifo"))
+        self.poller.register(self.up.fd, zmq.POLLIN)
         self.poller.register(self.workers_sock, zmq.POLLIN)
         self.poller.register(self.clients, zmq.POLLIN)
         if self._wake_r >= 0:
@@ -385,6 +393,8 @@ class Server:
         self._reap_frames()  # before answering anything: status must not count sent frames
         if self.answers is not None and self.answers.fd in events:
             self._on_answers()
+        if self.up is not None and self.up.fd in events:
+            self._on_up()
         if self.workers_sock in events:
             self._drain(self.workers_sock, self._on_worker_frames, self._worker_copy)
         if self.clients in events:
@@ -424,17 +434,81 @@ class Server:
             if c is not None and c.frames:
                 self._send_frames(cid, ready)
             else:
-                self.clients.send_multipart([cid, encode(Ready(ready))])
+                self._send_ready(cid, ready)
         sched.out_ready.clear()
         for cid, failed in sched.out_failed:
-            self.clients.send_multipart([cid, encode(failed)])
+            self._send_client(cid, encode(failed))
         sched.out_failed.clear()
         for cid in sched.out_ended:
-            self.clients.send_multipart([cid, encode(StreamEnd())])
+            self._send_client(cid, encode(StreamEnd()))
         sched.out_ended.clear()
         for name in sched.to_unlink:
             shm.unlink(self.shm_dir / name)
         sched.to_unlink.clear()
+
+    def _send_client(self, cid: bytes, data: bytes) -> bool:
+        """Send through the consumer's FIFO if it has one and ``data`` fits, else the socket.
+        False only when it was too long for the FIFO and the caller may split it."""
+        pipe = self._pipes.get(cid)
+        if pipe is not None and pipe[2].send(data):
+            return True
+        if pipe is not None and len(data) > MAX_MESSAGE:
+            return False
+        assert self.clients is not None
+        self.clients.send_multipart([cid, data])
+        return True
+
+    def _send_ready(self, cid: bytes, items: list[list[Any]]) -> None:
+        data = encode(Ready(items))
+        if self._send_client(cid, data):
+            return
+        if len(items) == 1:  # one announcement longer than a FIFO write: the socket
+            assert self.clients is not None
+            self.clients.send_multipart([cid, data])
+            return
+        half = len(items) // 2
+        self._send_ready(cid, items[:half])
+        self._send_ready(cid, items[half:])
+
+    def _open_pipes(self, cid: bytes) -> str | None:
+        sched = self.sched
+        assert sched is not None and self.clients is not None and self.rundir is not None
+        c = sched.consumers.get(cid)
+        if c is None or not c.same_host or c.frames or self.up is None:
+            return "OpenPipes is for a consumer on the server's host that maps the ring"
+        self._close_pipes(cid)
+        token = self._next_token
+        self._next_token += 1
+        down = Inbox(str(self.rundir / f"down-{token}.fifo"))  # we own it; the consumer reads
+        self._pipes[cid] = (token, down, Outbox(down.path, token))
+        self._by_token[token] = cid
+        self.clients.send_multipart([cid, encode(Pipes(down.path, self.up.path, token))])
+        return None
+
+    def _close_pipes(self, cid: bytes) -> None:
+        pipe = self._pipes.pop(cid, None)
+        if pipe is not None:
+            token, down, out = pipe
+            self._by_token.pop(token, None)
+            out.close()
+            down.close()
+
+    def _on_up(self) -> None:
+        """Consumer messages from the up FIFO: the same handling as the socket's."""
+        assert self.up is not None and self.sched is not None
+        for token, data in self.up.read():
+            cid = self._by_token.get(token)
+            if cid is None:
+                continue  # a consumer that left (or a stranger): nothing to answer
+            try:
+                msg = decode(data, MAX_CONSUMER_MESSAGE_BYTES)
+            except ProtocolError as exc:
+                self.sched.stats["bad_messages"] += 1
+                self._refuse(cid, str(exc))
+                continue
+            reason = self._on_client(cid, msg)
+            if reason:
+                self._refuse(cid, reason)
 
     def _send_frames(self, cid: bytes, ready: list[list[Any]]) -> None:
         """Ready, then each batch's bytes as a frame sent from shared memory without a copy
@@ -723,7 +797,10 @@ class Server:
             if c is None:
                 return "UseFrames before Hello; send Hello first"
             c.frames = True
+            self._close_pipes(cid)
             return None
+        if isinstance(msg, OpenPipes):
+            return self._open_pipes(cid)
         if isinstance(msg, Release):
             return sched.release(cid, msg.bids)
         if isinstance(msg, Fetch):
@@ -743,6 +820,7 @@ class Server:
             return None
         if isinstance(msg, Bye):
             sched.remove_consumer(cid, msg.held)
+            self._close_pipes(cid)
             log.info("consumer %s left", c.name if c else cid.hex())
             return None
         if isinstance(msg, Hello):
@@ -766,6 +844,7 @@ class Server:
         d = sched.datasets[ds]
         if cid in sched.consumers:
             sched.remove_consumer(cid)
+        self._close_pipes(cid)
         same_host = bool(msg.pidns) and msg.pidns == pid_namespace()
         sched.add_consumer(ConsumerState(cid, msg.pid, same_host, msg.name[:200], ds))
         log.info("consumer %s joined %s", msg.name[:200], d.name)
@@ -790,6 +869,7 @@ class Server:
                 continue
             held = sum(c.leases.values())
             sched.remove_consumer(c.cid)
+            self._close_pipes(c.cid)
             log.warning("consumer %s %s; reclaimed %d leases", c.name, why, held)
         timeout = self.config.batch_timeout
         if timeout is not None and self.state == "running":
@@ -952,6 +1032,10 @@ class Server:
             self.workers_sock.close(0)
         if self.answers is not None:
             self.answers.close()
+        for cid in list(self._pipes):
+            self._close_pipes(cid)
+        if self.up is not None:
+            self.up.close()
         if self.authenticator is not None:
             self.authenticator.stop()
         if self.ctx is not None:

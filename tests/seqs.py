@@ -305,3 +305,16 @@ def dies_once_items(n: int, marker: str) -> Any:
             open(marker, "w").close()
             os.kill(os.getpid(), signal.SIGKILL)
         yield np.full((4, 4), i, np.float32), np.array([i], np.int64)
+
+
+class Wide(Indexed):
+    """Batch i is a dict of ``keys`` small arrays, each filled with i: a long layout, so Ready
+    announcements outgrow a FIFO write (``keys`` ~ 60 and more: one item alone does)."""
+
+    def __init__(self, n: int = 32, keys: int = 8) -> None:
+        super().__init__(n)
+        self.keys = keys
+
+    def __getitem__(self, i: int) -> Any:
+        return {f"feature_{k:04d}_with_a_long_name": np.full(3, i, np.int32)
+                for k in range(self.keys)}
