@@ -144,14 +144,16 @@ class Scheduler:
         *,
         max_retries: int,
         depth: int,
-        barrier: bool,
+        barrier: list[bool],
         on_epoch_advance: Callable[[int, int], None] | None = None,
     ) -> None:
         self.datasets = datasets
         self.max_retries = max_retries
         self.depth = depth  # most tasks queued per worker, the running one included
         self.busy_s = 0.0  # moving average of the time one batch takes
-        self.barrier = barrier  # thread workers share one Sequence: finish an epoch first
+        # per dataset: thread workers share one Sequence, so one whose on_epoch_end must run
+        # between epochs finishes an epoch before the next starts
+        self.barrier = barrier
         self.on_epoch_advance = on_epoch_advance
         self.running_epochs: Counter[tuple[int, int]] = Counter()
         self.entries: dict[tuple[int, int, int], Entry] = {}
@@ -532,7 +534,7 @@ class Scheduler:
                 self._forget(e)
                 continue
             d = self.datasets[e.ds]
-            if self.barrier and e.epoch > d.epoch_running:
+            if self.barrier[e.ds] and e.epoch > d.epoch_running:
                 if any(n > 0 for (ds, ep), n in self.running_epochs.items()
                        if ds == e.ds and ep < e.epoch):
                     return

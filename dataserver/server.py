@@ -179,8 +179,11 @@ class Server:
             raise ConfigError("--generator needs process workers: each worker runs a generator "
                               "of its own (use --worker-type process)")
         thread = cfg.worker_type == "thread"
+        # thread workers share each Sequence: epochs need a barrier only where there is an
+        # on_epoch_end to run between them
+        barrier = [thread and callable(getattr(seq, "on_epoch_end", None)) for seq in self.seqs]
         self.sched = Scheduler(
-            datasets, max_retries=cfg.max_retries, depth=WORKER_QUEUE_DEPTH, barrier=thread,
+            datasets, max_retries=cfg.max_retries, depth=WORKER_QUEUE_DEPTH, barrier=barrier,
             on_epoch_advance=self._advance_shared_epoch if thread else None,
         )
         self.ctx = zmq.Context()

@@ -318,3 +318,25 @@ class Wide(Indexed):
     def __getitem__(self, i: int) -> Any:
         return {f"feature_{k:04d}_with_a_long_name": np.full(3, i, np.int32)
                 for k in range(self.keys)}
+
+
+class LoggedSlowLast:
+    """No on_epoch_end. Logs "start i" / "end i" per call to ``log``; the first call of the
+    last batch takes ``slow`` seconds."""
+
+    def __init__(self, n: int, log: str, slow: float = 1.0) -> None:
+        self.n, self.log, self.slow = n, log, slow
+        self.slowed = False
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        with open(self.log, "a") as f:
+            f.write(f"start {i}\n")
+        if i == self.n - 1 and not self.slowed:
+            self.slowed = True
+            time.sleep(self.slow)
+        with open(self.log, "a") as f:
+            f.write(f"end {i}\n")
+        return np.array([i])

@@ -6,6 +6,7 @@ import gc
 import mmap
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -330,3 +331,20 @@ def test_arrays_made_with_dataserver_empty_are_not_copied(serve: Any, worker_typ
             assert np.array_equal(batch["strided"], batch["x"][:, ::2])
     inline = seqs.InPlace(2)[1]  # outside a worker: plain numpy arrays
     assert inline["y"][1] == 0 and float(inline["x"][0, 0]) == 1
+
+
+def test_thread_workers_overlap_epochs_when_there_is_no_on_epoch_end(serve: Any,
+                                                                     tmp_path: Path) -> None:
+    """Thread workers share the Sequence, so epochs are fenced only to run its on_epoch_end
+    between them; without one, the next epoch's batches are made while a slow last batch of
+    this one still runs (no epoch-end stall)."""
+    log = tmp_path / "calls.txt"
+    server = serve(seqs.LoggedSlowLast(8, str(log)), worker_type="thread", workers=2)
+    with RemoteSequence(server.endpoint) as rs:
+        for _ in range(2):
+            assert [int(b[0]) for b in rs] == list(range(8))
+            rs.on_epoch_end()
+    lines = log.read_text().split("\n")
+    slow = lines.index("start 7"), lines.index("end 7")
+    during = lines[slow[0] + 1 : slow[1]]
+    assert "start 0" in during, f"epoch 2 waited for epoch 1's last batch: {lines}"
