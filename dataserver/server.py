@@ -873,7 +873,9 @@ class Server:
             held = sum(c.leases.values())
             sched.remove_consumer(c.cid)
             self._close_pipes(c.cid)
-            log.warning("consumer %s %s; reclaimed %d leases", c.name, why, held)
+            # a consumer that said Bye kept its views until exit: expected, not a warning
+            (log.info if c.gone else log.warning)("consumer %s %s; reclaimed %d leases",
+                                                  c.name, why, held)
         timeout = self.config.batch_timeout
         if timeout is not None and self.state == "running":
             for wid, e in sched.overdue(now, timeout):
