@@ -1,4 +1,6 @@
-"""The server: sockets, the event loop, start-up and shutdown. Decisions live in the scheduler.
+"""The server: sockets, the event loop, start-up and shutdown. Decisions live in the scheduler;
+what faces the workers is in :mod:`dataserver.supervise`, what faces consumers in
+:mod:`dataserver.consumers` (mixins of :class:`Server`).
 
 Start-up: sweep stale segments of dead servers, take the server lock, load the Sequence (for its
 length), bind the public endpoint (refusing one another server listens on), start the workers
@@ -13,95 +15,53 @@ unlink every segment and the lock, remove the runtime directory and the socket f
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 import secrets
 import shutil
 import signal
-import sys
 import threading
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import msgpack
-import numpy as np
 import zmq
 
 from dataserver import shm
-from dataserver._proc import pid_alive, pid_namespace
+from dataserver._proc import pid_alive
 from dataserver.config import ServerConfig
+from dataserver.consumers import DATASET, ConsumerSide
 from dataserver.curve import secure_server
-from dataserver.errors import ConfigError, DataServerError, ProtocolError, SharedMemoryError
-from dataserver.fifo import MAX_MESSAGE, Inbox, Outbox
+from dataserver.errors import ConfigError, DataServerError, SharedMemoryError
+from dataserver.fifo import Inbox, Outbox
 from dataserver.logs import setup_logging
 from dataserver.monitor import Monitor
 from dataserver.pool import Pool
 from dataserver.protocol import (
-    MAX_CONSUMER_MESSAGE_BYTES,
-    VERSION,
-    Alive,
-    Bye,
-    Done,
-    EpochEnd,
-    Exhausted,
-    Fetch,
-    Hello,
-    Made,
-    Message,
-    OpenPipes,
-    Ping,
-    Pipes,
-    Pong,
-    Raised,
-    Ready,
-    Refused,
-    Release,
-    Stacks,
-    StartFailed,
-    Status,
-    StatusReply,
     Stop,
     StreamEnd,
-    Take,
     Tasks,
-    UseFrames,
     UseRing,
-    Want,
-    Welcome,
-    WorkerMemory,
-    WorkerReady,
-    decode,
     encode,
 )
-from dataserver.scheduler import READY, ConsumerState, Dataset, Scheduler, WorkerState
+from dataserver.scheduler import READY, Dataset, Scheduler
 from dataserver.source import SequenceSource, checked_len
-from dataserver.worker import WorkerSpec, stack_file
+from dataserver.supervise import WorkerSide
+from dataserver.worker import WorkerSpec
 
 __all__ = ["DATASET", "Server"]
 
 log = logging.getLogger("dataserver")
-DATASET = "default"
 HOUSEKEEPING_INTERVAL_S = 0.5
-HEARTBEAT_S = 1.0
 WORKER_QUEUE_DEPTH = 2
-MAX_START_FAILURES = 3
 OVERSIZE_WARN_INTERVAL_S = 30.0
-RETIRE_GRACE_S = 30.0
-STACKS_TIMEOUT_S = 1.0
-#: Memory samples (one per new batch, at most two a second) that must all rise to warn.
-GROWTH_SAMPLES = 10
-GROWTH_MIN_BYTES = 32 << 20
 SLOT_HEADROOM = 1.25
-_NO_WORKER = WorkerState(-1, -1)
 
 
-class Server:
+class Server(WorkerSide, ConsumerSide):
     """One dataserver. ``run()`` blocks until a signal or ``close()``; the CLI and
     ``DataServer`` both drive it."""
 
@@ -232,26 +192,6 @@ class Server:
             self._probe(deadline)
         self.state = "running"
 
-    def _ray_pool(self, template: WorkerSpec) -> Any:
-        """Start or join Ray; actors that cannot share our memory reach us over TCP."""
-        from dataserver.ray_backend import RayPool
-
-        assert self.workers_sock is not None
-        pool = RayPool(template, self.config.ray_address)
-        if self._on_signal is not None:  # Ray installed its own (crash-report) handlers
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, self._on_signal)
-        tcp = ""
-        if self.config.ray_transport != "shm":
-            self.workers_sock.bind(f"tcp://{pool.node_ip()}:*")
-            tcp = self.workers_sock.getsockopt_string(zmq.LAST_ENDPOINT)
-            self._worker_copy = False
-            log.info("ray workers on other hosts reach this server at %s", tcp)
-        pool.template = replace(
-            template, tcp_address=tcp, transport=self.config.ray_transport,
-            paths=tuple(p for p in sys.path if p and os.path.isdir(p)), pidns=pid_namespace())
-        return pool
-
     def _bind_clients(self) -> None:
         assert self.ctx is not None
         endpoint = self.config.endpoint
@@ -359,15 +299,6 @@ class Server:
                 )
             self._step(100)
 
-    def _start_worker(self, index: int) -> None:
-        assert self.pool is not None and self.sched is not None
-        # a replacement skips the items its predecessor made from its generator
-        h = self.pool.start(index, tuple(d.made[index] for d in self.sched.datasets))
-        self.sched.add_worker(WorkerState(h.spec.incarnation, index, pid=h.pid or os.getpid()))
-        if h.sentinel is not None:
-            self._sentinels[h.sentinel] = h.spec.incarnation
-            self.poller.register(h.sentinel, zmq.POLLIN)
-
     def _advance_shared_epoch(self, ds: int, epoch: int) -> None:
         """Thread workers share one Sequence: call its on_epoch_end once per epoch, between."""
         assert self.sched is not None
@@ -449,415 +380,6 @@ class Server:
             shm.unlink(self.shm_dir / name)
         sched.to_unlink.clear()
 
-    def _send_client(self, cid: bytes, data: bytes) -> bool:
-        """Send through the consumer's FIFO if it has one and ``data`` fits, else the socket.
-        False only when it was too long for the FIFO and the caller may split it."""
-        pipe = self._pipes.get(cid)
-        if pipe is not None and pipe[2].send(data):
-            return True
-        if pipe is not None and len(data) > MAX_MESSAGE:
-            return False
-        assert self.clients is not None
-        self.clients.send_multipart([cid, data])
-        return True
-
-    def _send_ready(self, cid: bytes, items: list[list[Any]]) -> None:
-        data = encode(Ready(items))
-        if self._send_client(cid, data):
-            return
-        if len(items) == 1:  # one announcement longer than a FIFO write: the socket
-            assert self.clients is not None
-            self.clients.send_multipart([cid, data])
-            return
-        half = len(items) // 2
-        self._send_ready(cid, items[:half])
-        self._send_ready(cid, items[half:])
-
-    def _open_pipes(self, cid: bytes) -> str | None:
-        sched = self.sched
-        assert sched is not None and self.clients is not None and self.rundir is not None
-        c = sched.consumers.get(cid)
-        if c is None or not c.same_host or c.frames or self.up is None:
-            return "OpenPipes is for a consumer on the server's host that maps the ring"
-        self._close_pipes(cid)
-        token = self._next_token
-        self._next_token += 1
-        down = Inbox(str(self.rundir / f"down-{token}.fifo"))  # we own it; the consumer reads
-        self._pipes[cid] = (token, down, Outbox(down.path, token))
-        self._by_token[token] = cid
-        self.clients.send_multipart([cid, encode(Pipes(down.path, self.up.path, token))])
-        return None
-
-    def _close_pipes(self, cid: bytes) -> None:
-        pipe = self._pipes.pop(cid, None)
-        if pipe is not None:
-            token, down, out = pipe
-            self._by_token.pop(token, None)
-            out.close()
-            down.close()
-
-    def _on_up(self) -> None:
-        """Consumer messages from the up FIFO: the same handling as the socket's."""
-        assert self.up is not None and self.sched is not None
-        for token, data in self.up.read():
-            cid = self._by_token.get(token)
-            if cid is None:
-                continue  # a consumer that left (or a stranger): nothing to answer
-            try:
-                msg = decode(data, MAX_CONSUMER_MESSAGE_BYTES)
-            except ProtocolError as exc:
-                self.sched.stats["bad_messages"] += 1
-                self._refuse(cid, str(exc))
-                continue
-            reason = self._on_client(cid, msg)
-            if reason:
-                self._refuse(cid, reason)
-
-    def _send_frames(self, cid: bytes, ready: list[list[Any]]) -> None:
-        """Ready, then each batch's bytes as a frame sent from shared memory without a copy
-        (pyzmq copy=False); the leases end when the tracker says the frames have left."""
-        assert self.clients is not None and self.ring is not None
-        views: list[Any] = []
-        keep: list[shm.Segment] = []
-        for _epoch, _pos, _index, _bid, segment, offset, nbytes, _layout in ready:
-            if segment:
-                seg = shm.attach(self.shm_dir / segment, writable=False)
-                keep.append(seg)
-                views.append(memoryview(seg.mm)[:nbytes])
-            else:
-                views.append(memoryview(self.ring.mm)[offset : offset + nbytes])
-        tracker = self.clients.send_multipart([cid, encode(Ready(ready)), *views], copy=False,
-                                              track=True)
-        self._in_flight_frames.append((tracker, cid, [item[3] for item in ready], keep))
-
-    def _reap_frames(self) -> None:
-        """End the leases of batches whose frames have left."""
-        assert self.sched is not None
-        while self._in_flight_frames and self._in_flight_frames[0][0].done:
-            _tracker, cid, bids, keep = self._in_flight_frames.popleft()
-            self.sched.release(cid, bids)
-            for seg in keep:
-                seg.close()
-
-    def _send_worker(self, wid: int, msg: Message) -> None:
-        assert self.workers_sock is not None
-        self.workers_sock.send_multipart([f"w{wid}".encode(), encode(msg)])
-
-    # --- workers ----------------------------------------------------------------------------
-
-    def _on_worker_frames(self, frames: list[Any]) -> None:
-        """One multipart message from a worker: messages, each ``Made`` followed by its batch.
-        Trust nothing: the endpoint may be TCP (Ray workers on other hosts)."""
-        if not self._worker_copy:  # zmq.Frame objects; only big Made payloads stay frames
-            frames = [f if len(f) > 65536 else f.bytes for f in frames]
-        ident = frames[0]
-        try:
-            wid = int(ident[1:]) if ident[:1] == b"w" else -1
-            i = 1
-            while i < len(frames):
-                msg = decode(frames[i], MAX_CONSUMER_MESSAGE_BYTES)
-                i += 1
-                if wid not in self._authed:
-                    if not isinstance(msg, WorkerReady | StartFailed) or msg.worker != wid \
-                            or not secrets.compare_digest(msg.secret, self._secret):
-                        raise ProtocolError("it did not present this server's worker secret")
-                    self._authed.add(wid)
-                if isinstance(msg, Made):
-                    if i >= len(frames):
-                        raise ProtocolError("Made without its batch frame")
-                    self._on_made(wid, msg, frames[i])
-                    i += 1
-                else:
-                    self._on_worker_message(wid, msg)
-        except (ProtocolError, ValueError) as exc:
-            log.warning("dropped a message from worker socket peer %r: %s", bytes(ident)[:32],
-                        exc)
-
-    def _on_answers(self) -> None:
-        """Answers from the FIFO (dataserver.fifo): only Done, Raised and Exhausted, only
-        from workers that presented the secret."""
-        assert self.answers is not None
-        for wid, data in self.answers.read():
-            try:
-                msg = decode(data, MAX_CONSUMER_MESSAGE_BYTES)
-                if wid not in self._authed or not isinstance(msg, Done | Raised | Exhausted):
-                    raise ProtocolError(f"{type(msg).__name__} from worker {wid} is not an answer "
-                                        "it may send there")
-                self._on_worker_message(wid, msg)
-            except ProtocolError as exc:
-                log.warning("dropped a record from the answer FIFO: %s", exc)
-
-    def _on_made(self, wid: int, msg: Made, payload: Any) -> None:
-        """A worker that cannot see the ring sent batch ``bid``: place it in its slot, or in a
-        one-off segment when it does not fit (the server owns and unlinks those anyway)."""
-        sched = self.sched
-        assert sched is not None
-        data = memoryview(payload.buffer if isinstance(payload, zmq.Frame) else payload)
-        if data.nbytes != msg.nbytes:
-            raise ProtocolError(f"Made says {msg.nbytes} bytes, its frame has {data.nbytes}")
-        e = sched.by_bid.get(msg.bid)
-        if e is None or e.bid not in sched.workers.get(wid, _NO_WORKER).inflight:
-            return  # a late answer for a batch given to another worker
-        src = np.frombuffer(data, np.uint8)
-        segment = ""
-        if e.slot >= 0 and msg.nbytes <= sched.slot_bytes and self.ring is not None:
-            start = e.slot * sched.slot_bytes
-            np.frombuffer(self.ring.mm, np.uint8, msg.nbytes, start)[:] = src
-        else:
-            segment = f"{shm.PREFIX}{self.server_id}-big-{msg.bid}"
-            seg = shm.create(self.shm_dir / segment, max(msg.nbytes, 1),
-                             f"batch of {msg.nbytes} bytes")
-            try:
-                np.frombuffer(seg.mm, np.uint8, msg.nbytes)[:] = src
-            finally:
-                seg.close()
-        self._on_worker_message(wid, Done(msg.bid, segment, msg.nbytes, msg.layout, msg.busy_s))
-
-    def _on_worker_message(self, wid: int, msg: Message) -> None:
-        sched = self.sched
-        assert sched is not None
-        if isinstance(msg, Done):
-            sched.done(wid, msg.bid, msg.segment, msg.nbytes, msg.layout, msg.busy_s)
-            cap = self.config.max_worker_tasks
-            w = sched.workers.get(wid)
-            if cap and w is not None and w.done >= cap and not w.retiring:
-                sched.stats["task_cap_restarts"] += 1
-                self._retire(w, f"made {w.done} batches (--max-worker-tasks {cap})",
-                             time.monotonic())
-            if msg.segment and not self._warned_oversize:
-                self._maybe_warn_oversize(time.monotonic())
-        elif isinstance(msg, Exhausted):
-            sched.exhausted(wid, msg.bid)
-        elif isinstance(msg, Raised):
-            sched.raised(wid, msg.bid, msg.type_name, msg.message, msg.traceback)
-        elif isinstance(msg, WorkerMemory):
-            w = sched.workers.get(wid)
-            if w is not None:
-                w.memory = {k: (v if v >= 0 else None) for k, v in
-                            (("rss", msg.rss), ("uss", msg.uss), ("pss", msg.pss),
-                             ("swap", msg.swap))}
-        elif isinstance(msg, WorkerReady):
-            w = sched.workers.get(wid)
-            if w is None:
-                return
-            w.pid = msg.pid
-            w.frames = msg.frames
-            w.host = msg.host
-            h = self.pool.handles.get(wid)
-            if h is not None and h.process is None and h.thread is None:
-                h.pid = msg.pid  # a Ray actor's handle learns its pid here
-            if self.ring is not None and not w.frames:
-                self._send_worker(wid, UseRing(self.ring_name, sched.slot_bytes, sched.slots))
-            w.ready = True
-            self.start_failures = 0
-            log.debug("worker %d (pid %d) ready", w.index, w.pid)
-        elif isinstance(msg, StartFailed):
-            self._on_start_failed(wid, msg)
-
-    def _on_start_failed(self, wid: int, msg: StartFailed) -> None:
-        assert self.sched is not None
-        w = self.sched.workers.get(wid)
-        detail = msg.message if msg.type_name.endswith("ConfigError") else (
-            f"{msg.type_name}: {msg.message}\n{msg.traceback}".rstrip()
-        )
-        text = f"worker {w.index if w else '?'} could not load the Sequence: {detail}"
-        self.last_start_error = text
-        if self.state != "running":
-            self.fatal = text
-        else:
-            log.error("%s", text)
-
-    def _on_worker_exit(self, inc: int) -> None:
-        assert self.pool is not None and self.sched is not None
-        h = self.pool.handles.get(inc)
-        if h is None:
-            return
-        self._drop_sentinel(h.sentinel)
-        if self.stopping:
-            return
-        if h.process is not None:
-            h.process.join(1.0)
-        self._authed.discard(inc)
-        w = self.sched.workers.get(inc)
-        if w is not None and w.retiring and not w.inflight:  # stopped by a cap, replaced
-            self.sched.worker_gone(inc, w.retiring)
-            self._forget_worker(inc)
-            return
-        reason = f"worker {h.spec.worker} (pid {w.pid if w else h.pid}) {h.exit_reason()}"
-        self._replace(inc, reason)
-
-    def _replace(self, inc: int, reason: str, quarantine: bool = False) -> None:
-        assert self.pool is not None and self.sched is not None
-        w = self.sched.workers.get(inc)
-        if w is None:
-            return
-        was_ready = w.ready
-        retried = self.sched.worker_gone(inc, reason, quarantine)
-        h = self.pool.handles.get(inc)
-        if h is not None:
-            self._drop_sentinel(h.sentinel)
-        self._forget_worker(inc)
-        self.sched.stats["restarts"] += 1
-        if not was_ready:
-            self.start_failures += 1
-            if self.state != "running" or self.start_failures >= MAX_START_FAILURES:
-                self.fatal = self.last_start_error or f"{reason} while loading the Sequence"
-                return
-        log.warning("%s; replacing it%s", reason,
-                    f", retrying batches {[e.index for e in retried]}" if retried else "")
-        self._start_worker(w.index)
-
-    def _forget_worker(self, inc: int) -> None:
-        assert self.pool is not None
-        self.pool.forget(inc)
-        self._authed.discard(inc)
-        for table in (self.mem_history, self._retire_since, self._retire_asked):
-            table.pop(inc, None)
-        self.growing.discard(inc)
-
-    def _stacks(self) -> dict[str, str]:
-        """Every worker's Python stacks, by worker index: process workers dump theirs on
-        SIGUSR1 (faulthandler, works even inside C code); thread workers are read here."""
-        assert self.pool is not None and self.rundir is not None
-        out: dict[str, str] = {}
-        asked: dict[str, tuple[Path, int]] = {}
-        for inc, h in self.pool.handles.items():
-            index = h.spec.worker
-            key = str(index) if inc == self._current(index) else f"{index} (retiring, #{inc})"
-            w = self.sched.workers.get(inc) if self.sched else None
-            if w is not None and w.frames:
-                out[key] = (f"(Ray actor pid {w.pid} on {w.host}: run `ray stack` on that node, "
-                            "or use the Ray dashboard)")
-            elif h.killable and h.pid:
-                path = Path(stack_file(h.spec.address, inc))
-                size = path.stat().st_size if path.exists() else 0
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(h.pid, signal.SIGUSR1)
-                    asked[key] = (path, size)
-            elif h.thread is not None and h.thread.ident is not None:
-                frame = sys._current_frames().get(h.thread.ident)
-                out[key] = "".join(traceback.format_stack(frame)) if frame else "(no frame)"
-        deadline = time.monotonic() + STACKS_TIMEOUT_S
-        while asked and time.monotonic() < deadline:
-            for key, (path, size) in list(asked.items()):
-                if path.exists() and path.stat().st_size > size:
-                    time.sleep(0.02)  # let faulthandler finish writing
-                    with open(path) as f:
-                        f.seek(size)
-                        out[key] = f.read()
-                    del asked[key]
-            time.sleep(0.01)
-        for key in asked:
-            out[key] = f"(no stack within {STACKS_TIMEOUT_S:g} s: the worker may be stopped)"
-        return out
-
-    def _current(self, index: int) -> int:
-        assert self.sched is not None
-        return max((w.wid for w in self.sched.workers.values() if w.index == index), default=-1)
-
-    def _drop_sentinel(self, fd: int | None) -> None:
-        if fd is not None and self._sentinels.pop(fd, None) is not None:
-            self.poller.unregister(fd)
-
-    # --- consumers --------------------------------------------------------------------------
-
-    def _on_client_frames(self, frames: list[bytes]) -> None:
-        if len(frames) != 2:
-            if frames:
-                self._refuse(frames[0], "send one frame per message")
-            return
-        cid, data = frames
-        try:
-            msg = decode(data, MAX_CONSUMER_MESSAGE_BYTES)
-        except ProtocolError as exc:
-            self.sched.stats["bad_messages"] += 1  # type: ignore[union-attr]
-            self._refuse(cid, str(exc))
-            return
-        reason = self._on_client(cid, msg)
-        if reason:
-            self._refuse(cid, reason)
-
-    def _refuse(self, cid: bytes, reason: str) -> None:
-        assert self.clients is not None
-        self.clients.send_multipart([cid, encode(Refused(reason))])
-
-    def _on_client(self, cid: bytes, msg: Message) -> str | None:
-        sched = self.sched
-        assert sched is not None and self.clients is not None
-        c = sched.consumers.get(cid)
-        if c is not None:
-            c.seen = time.monotonic()
-        if isinstance(msg, Alive):
-            owner = sched.consumers.get(msg.consumer)
-            if owner is not None:
-                owner.seen = time.monotonic()
-            return None
-        if isinstance(msg, Want):
-            return sched.want(cid, msg.epoch, msg.start, msg.stop, msg.step, msg.urgent)
-        if isinstance(msg, Take):
-            return sched.take(cid, msg.count)
-        if isinstance(msg, UseFrames):
-            if c is None:
-                return "UseFrames before Hello; send Hello first"
-            c.frames = True
-            self._close_pipes(cid)
-            return None
-        if isinstance(msg, OpenPipes):
-            return self._open_pipes(cid)
-        if isinstance(msg, Release):
-            return sched.release(cid, msg.bids)
-        if isinstance(msg, Fetch):
-            return sched.fetch(cid, msg.epoch, msg.index)
-        if isinstance(msg, Ping):
-            self.clients.send_multipart([cid, encode(Pong())])
-            return None
-        if isinstance(msg, (Status, Stacks)):
-            snap = self.monitor.snapshot(self)
-            if isinstance(msg, Stacks):
-                snap["stacks"] = self._stacks()
-            snapshot = msgpack.packb(snap, use_bin_type=True)
-            self.clients.send_multipart([cid, encode(StatusReply(snapshot))])
-            return None
-        if isinstance(msg, EpochEnd):
-            sched.epoch_end(cid, msg.epoch)
-            return None
-        if isinstance(msg, Bye):
-            sched.remove_consumer(cid, msg.held)
-            self._close_pipes(cid)
-            log.info("consumer %s left", c.name if c else cid.hex())
-            return None
-        if isinstance(msg, Hello):
-            return self._hello(cid, msg)
-        return f"{type(msg).__name__} is not a consumer message"
-
-    def _hello(self, cid: bytes, msg: Hello) -> str | None:
-        sched = self.sched
-        assert sched is not None and self.clients is not None
-        if msg.version != VERSION:
-            return (f"protocol version {msg.version} is not this server's {VERSION}; install the "
-                    "same dataserver version on both sides")
-        names = [d.name for d in sched.datasets]
-        if msg.dataset in names:
-            ds = names.index(msg.dataset)
-        elif msg.dataset in ("", DATASET) and len(names) == 1:
-            ds = 0
-        else:
-            return (f"no dataset {msg.dataset!r} here; this server serves "
-                    f"{', '.join(map(repr, names))}: pass dataset=NAME")
-        d = sched.datasets[ds]
-        if cid in sched.consumers:
-            sched.remove_consumer(cid)
-        self._close_pipes(cid)
-        same_host = bool(msg.pidns) and msg.pidns == pid_namespace()
-        sched.add_consumer(ConsumerState(cid, msg.pid, same_host, msg.name[:200], ds))
-        log.info("consumer %s joined %s", msg.name[:200], d.name)
-        self.clients.send_multipart([cid, encode(Welcome(
-            VERSION, self.server_id, d.name, d.length, d.shuffle, d.seed,
-            str(self.shm_dir), self.ring_name, sched.slot_bytes, sched.slots, self.prefetch,
-            os.getpid(), pid_namespace(), HEARTBEAT_S, d.stream, self.ring_id,
-        ))])
-        return None
-
     # --- housekeeping -----------------------------------------------------------------------
 
     def _housekeeping(self, now: float) -> None:
@@ -896,67 +418,6 @@ class Server:
             self._check_caps(now)
         if self.exporter is not None and self.state == "running":
             self.exporter.update(self.monitor.snapshot(self))
-
-    def _check_caps(self, now: float) -> None:
-        """Retire workers over --max-worker-tasks or --max-worker-memory (they finish what they
-        hold, then stop; a replacement starts at once), kill a retiree that does not finish
-        within RETIRE_GRACE_S, and warn about workers whose memory keeps growing."""
-        sched, cfg, pool = self.sched, self.config, self.pool
-        assert sched is not None and pool is not None
-        for w in list(sched.workers.values()):
-            if not w.ready:
-                continue
-            if w.retiring:
-                if not w.inflight and w.wid in self._retire_asked:
-                    continue
-                if not w.inflight:
-                    self._send_worker(w.wid, Stop())
-                    self._retire_asked[w.wid] = now
-                elif now - self._retire_since.get(w.wid, now) > RETIRE_GRACE_S:
-                    log.warning("worker %d did not finish its batches within %.0f s of "
-                                "retiring; killing it", w.index, RETIRE_GRACE_S)
-                    pool.kill(w.wid)
-                continue
-            why = ""
-            if cfg.backend == "ray" or cfg.worker_type == "process":
-                mem = (w.memory if cfg.backend == "ray" else self.monitor.process(w.pid)
-                       ).get(cfg.memory_kind)
-                self._note_memory(w, mem)
-                if cfg.max_worker_memory and mem and mem > cfg.max_worker_memory:
-                    why = (f"uses {shm.format_bytes(mem)} {cfg.memory_kind.upper()}, over "
-                           f"--max-worker-memory {shm.format_bytes(cfg.max_worker_memory)}")
-                    sched.stats["memory_cap_restarts"] += 1
-            if why:
-                self._retire(w, why, now)
-
-    def _retire(self, w: WorkerState, why: str, now: float) -> None:
-        """No more work for ``w``; it stops once idle; a replacement starts now."""
-        w.retiring = f"worker {w.index} (pid {w.pid}) {why}"
-        self._retire_since[w.wid] = now
-        log.warning("%s; replacing it once it finishes its batches", w.retiring)
-        self._start_worker(w.index)
-
-    def _note_memory(self, w: WorkerState, mem: int | None) -> None:
-        """Keep a worker's memory after each new batch; flag steady growth once."""
-        if mem is None:
-            return
-        history = self.mem_history.setdefault(w.wid, deque(maxlen=GROWTH_SAMPLES))
-        if history and history[-1][0] == w.done:
-            return
-        history.append((w.done, mem))
-        if w.wid in self.growing or len(history) < GROWTH_SAMPLES:
-            return
-        mems = [m for _, m in history]
-        grew = mems[-1] - mems[0]
-        if all(b > a for a, b in itertools.pairwise(mems)) and grew > max(
-                GROWTH_MIN_BYTES, mems[0] // 5):
-            self.growing.add(w.wid)
-            log.warning(
-                "worker %d (pid %d) grew by %s over its last %d batches and keeps growing. "
-                "Usual causes: a cache that is never bounded, references kept to old batches, "
-                "or Python objects (lists, dicts) shared from the parent whose refcounts copy "
-                "their pages (keep big tables in numpy arrays). --max-worker-memory caps it",
-                w.index, w.pid, shm.format_bytes(grew), GROWTH_SAMPLES)
 
     def _maybe_warn_oversize(self, now: float) -> None:
         sched = self.sched
@@ -1061,7 +522,6 @@ class Server:
 def run_in_child(config: ServerConfig, source: SequenceSource | dict[str, SequenceSource],
                  conn: Any, level: str) -> None:
     """Entry point of the server process that ``DataServer`` starts."""
-    import msgpack
 
     setup_logging(level, config.log_format)
     server = Server(config, source)
