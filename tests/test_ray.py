@@ -107,3 +107,17 @@ def test_worker_socket_drops_peers_without_the_secret(isolated: dict[str, Path])
     for frames in fakes:
         server._on_worker_frames(frames)  # would raise on a sched it does not have if accepted
     assert not server._authed
+
+
+def test_ray_worker_memory_cap_uses_what_the_actors_report(serve: Any) -> None:
+    """An actor measures itself (it may be on another host); over --max-worker-memory it
+    finishes its batches and is replaced, and nothing is lost. Ray workers carry Ray's runtime
+    (~50 MiB USS), so a 20 MiB cap retires each one at its first report."""
+    server = serve(spec="seqs:Indexed", args={"n": 30, "delay": 0.02}, backend="ray",
+                   max_worker_memory="20MiB")
+    with RemoteSequence(server.endpoint) as rs:
+        assert read_epochs(rs, 1) == [list(range(30))]
+        wait_for(lambda: fetch_status(server.endpoint)["counters"].get("memory_cap_restarts"),
+                 "a Ray worker retired for its reported memory")
+        assert read_epochs(rs, 2) == [list(range(30))] * 2  # read by the replacements
+        assert max(w["incarnation"] for w in fetch_status(server.endpoint)["workers"]) >= 2
