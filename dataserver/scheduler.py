@@ -19,122 +19,27 @@ from __future__ import annotations
 
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from dataserver.protocol import Failed
+from dataserver.state import (
+    PENDING,
+    READY,
+    RUNNING,
+    ConsumerState,
+    Dataset,
+    Entry,
+    WorkerState,
+)
 
-__all__ = ["ConsumerState", "Entry", "Scheduler", "WorkerState"]
+__all__ = ["READY", "ConsumerState", "Dataset", "Entry", "Scheduler", "WorkerState"]
 
-PENDING, RUNNING, READY = 0, 1, 2
 #: The widest range one Want may name, and the most wants one consumer may have outstanding.
 MAX_WANT_SPAN = 4096
 MAX_WAITING = 65536
 MIN_DEPTH = 2
 QUEUE_S = 0.002
-
-
-@dataclass
-class Dataset:
-    """One served Sequence: its name, length and order."""
-
-    name: str
-    length: int
-    shuffle: bool = False
-    seed: int = 0
-    epoch_running: int = 0  # thread workers: the epoch the shared Sequence is in
-    orders: OrderedDict[int, Sequence[int]] = field(default_factory=OrderedDict)
-    # generator datasets: items in production, made and not yet handed out, made per worker
-    # index (a replacement skips that many), and the worker indices whose generator ended
-    stream: bool = False
-    producing: int = 0
-    ready: deque[Entry] = field(default_factory=deque)
-    made: Counter[int] = field(default_factory=Counter)
-    exhausted: set[int] = field(default_factory=set)
-    next_item: int = 0
-
-    def order(self, epoch: int) -> Sequence[int]:
-        """Batch indices in the order of ``epoch``: identity, or a permutation derived from the
-        seed and the epoch only (so every consumer and every shard agrees)."""
-        if not self.shuffle:
-            return range(self.length)
-        perm = self.orders.get(epoch)
-        if perm is None:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.length).tolist()
-            self.orders[epoch] = perm
-            while len(self.orders) > 4:
-                self.orders.popitem(last=False)
-        return perm
-
-
-class Entry:
-    __slots__ = ("attempts", "bid", "ds", "epoch", "index", "keep", "layout", "leases", "nbytes",
-                 "pos", "probe", "segment", "slot", "started", "state", "stream", "suspect",
-                 "urgent", "waiters", "worker")
-
-    def __init__(self, bid: int, ds: int, epoch: int, index: int) -> None:
-        self.bid = bid
-        self.ds = ds
-        self.epoch = epoch
-        self.index = index
-        self.state = PENDING
-        self.slot = -1
-        self.segment = ""
-        self.nbytes = 0
-        self.layout = b""
-        self.attempts = 0
-        self.worker = -1
-        self.started = 0.0
-        self.leases = 0
-        self.waiters: list[tuple[bytes, int]] = []
-        self.urgent = False
-        self.pos = -1  # position in its epoch's order when a Want created it (-1: a Fetch)
-        self.stream = False  # an item of a generator dataset: handed to one consumer
-        self.keep = False  # produced before anyone asked: kept until first delivered
-        self.probe = False  # the slot-sizing batch: cached in its own segment like a slot
-        self.suspect = False  # was queued on a worker that died: run it alone next time
-
-
-@dataclass
-class ConsumerState:
-    cid: bytes
-    pid: int
-    same_host: bool
-    name: str
-    ds: int
-    leases: Counter[int] = field(default_factory=Counter)
-    waiting: int = 0
-    epoch: int = 0
-    position: int = 0
-    gone: bool = False  # said Bye but still holds views (leases kept until its pid exits)
-    frames: bool = False  # gets batch bytes as ZeroMQ frames (cannot map the ring)
-    takes: int = 0  # generator items asked for and not yet handed over
-    ended: bool = False  # told that its generator dataset ended
-    joined: float = field(default_factory=time.monotonic)
-    seen: float = field(default_factory=time.monotonic)  # last message or heartbeat
-    delivered: int = 0
-    bytes: int = 0
-
-
-@dataclass
-class WorkerState:
-    wid: int  # incarnation
-    index: int  # stable worker index
-    pid: int = 0
-    ready: bool = False
-    epoch: int = 0
-    inflight: dict[int, None] = field(default_factory=dict)  # bids in the order sent; first runs
-    isolated: bool = False  # runs a suspect batch alone
-    retiring: str = ""  # why it takes no more work and stops once idle (caps); "" if not
-    done: int = 0
-    errors: int = 0
-    started: float = field(default_factory=time.monotonic)
-    frames: bool = False  # sends batches as frames (a Ray actor that cannot see the ring)
-    host: str = ""  # node name, as the worker reports it
-    memory: dict[str, int | None] = field(default_factory=dict)  # as a Ray worker reports it
 
 
 class Scheduler:
