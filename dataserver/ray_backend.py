@@ -102,7 +102,8 @@ class RayHandle:
             self._ray.get(ref)
             self.reason = "exited"
         except Exception as exc:  # RayActorError and friends: the actor is gone
-            self.reason = f"Ray actor ended: {_first_line(exc)}"
+            cause = getattr(exc, "cause", None)  # RayTaskError: what run() raised
+            self.reason = f"Ray actor ended: {_first_line(cause or exc)}"
         self.kill()  # an actor whose run returned would idle on; free its process
         self.ended.set()
         with contextlib.suppress(OSError):

@@ -275,6 +275,8 @@ def worker_main(spec: WorkerSpec) -> None:
         try:
             frames = ray_transport(spec) == "frames"
         except BaseException as exc:  # reported once connected, below
+            if not spec.tcp_address:  # no way to reach the server: the actor's run() says it
+                raise
             start_error = exc
             frames = True
         address = spec.tcp_address if frames else spec.address

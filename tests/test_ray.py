@@ -121,3 +121,24 @@ def test_ray_worker_memory_cap_uses_what_the_actors_report(serve: Any) -> None:
                  "a Ray worker retired for its reported memory")
         assert read_epochs(rs, 2) == [list(range(30))] * 2  # read by the replacements
         assert max(w["incarnation"] for w in fetch_status(server.endpoint)["workers"]) >= 2
+
+
+def test_an_actor_that_cannot_see_the_ring_picks_frames_or_says_why(tmp_path: Path) -> None:
+    """The choice each actor makes from the server's lock file: shared memory only where the
+    lock is visible; ``--ray-transport shm`` elsewhere is an error that names the host."""
+    from dataclasses import replace
+
+    from dataserver import shm
+    from dataserver._proc import pid_namespace
+    from dataserver.worker import WorkerSpec, ray_transport
+
+    spec = WorkerSpec(worker=0, incarnation=0, count=1, kind="ray", address="", sources=[],
+                      server_id="abc", shm_dir=str(tmp_path), on_epoch_end=True,
+                      pidns=pid_namespace())
+    assert ray_transport(spec) == "frames"  # no lock file here: another host, as it were
+    with pytest.raises(ConfigError, match=r"--ray-transport shm: this Ray actor \(host .*\) "
+                                          r"cannot see the server's shared memory"):
+        ray_transport(replace(spec, transport="shm"))
+    (tmp_path / f"{shm.PREFIX}abc.lock").touch()
+    assert ray_transport(spec) == "shm"
+    assert ray_transport(replace(spec, transport="frames")) == "frames"
