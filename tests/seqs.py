@@ -322,7 +322,7 @@ class Wide(Indexed):
 
 class LoggedSlowLast:
     """No on_epoch_end. Logs "start i" / "end i" per call to ``log``; the first call of the
-    last batch takes ``slow`` seconds."""
+    last batch takes ``slow`` seconds and is logged "start i slow" / "end i slow"."""
 
     def __init__(self, n: int, log: str, slow: float = 1.0) -> None:
         self.n, self.log, self.slow = n, log, slow
@@ -332,11 +332,13 @@ class LoggedSlowLast:
         return self.n
 
     def __getitem__(self, i: int) -> Any:
+        slow = i == self.n - 1 and not self.slowed
+        self.slowed = self.slowed or slow
+        tag = " slow" if slow else ""
         with open(self.log, "a") as f:
-            f.write(f"start {i}\n")
-        if i == self.n - 1 and not self.slowed:
-            self.slowed = True
+            f.write(f"start {i}{tag}\n")
+        if slow:
             time.sleep(self.slow)
         with open(self.log, "a") as f:
-            f.write(f"end {i}\n")
+            f.write(f"end {i}{tag}\n")
         return np.array([i])
