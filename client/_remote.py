@@ -406,9 +406,9 @@ class RemoteSequence:
         """Ask for positions up to ``prefetch`` ahead of the cursor, into the next epoch too
         unless this consumer re-reads epochs without stepping them."""
         n = self._len
-        limit = self._cursor + self.prefetch
-        if not self._speculate:
-            limit = min(limit, (self._epoch + 1) * n)
+        # never past the next epoch: a small dataset would otherwise be asked for many epochs
+        # ahead, made for nothing if the consumer stops
+        limit = min(self._cursor + self.prefetch, (self._epoch + (2 if self._speculate else 1)) * n)
         if self._requested - self._cursor > self.prefetch // 2 or self._requested >= limit:
             return
         g = max(self._requested, self._cursor)

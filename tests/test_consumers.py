@@ -164,3 +164,18 @@ def test_killed_consumer_leases_come_back_and_others_go_on(serve: Any) -> None:
     finally:
         holder.kill()
         holder.communicate()
+
+
+def test_a_consumer_asks_no_further_ahead_than_the_next_epoch(serve: Any) -> None:
+    """Prefetch (64 here) spans epochs only into the next one: a small dataset is not made
+    many epochs ahead for a consumer that may stop after this one."""
+    server = serve(seqs.Indexed(8), prefetch=64)
+    with RemoteSequence(server.endpoint) as rs:
+        assert rs.prefetch == 64
+        assert [int(y[0]) for _x, y in rs] == list(range(8))
+        rs.on_epoch_end()
+        snap = wait_for(lambda: (s := fetch_status(server.endpoint))["workers"]
+                        and all(w["queued"] == 0 for w in s["workers"]) and s,
+                        "the workers to finish what was asked")
+    # epoch 0 and 1 (asked ahead), plus at most the slot-sizing probe
+    assert snap["counters"]["produced"] <= 2 * 8 + 1, snap["counters"]
