@@ -26,8 +26,12 @@ import shutil
 import socket
 import stat
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from dataserver.errors import SharedMemoryError
 
@@ -40,6 +44,7 @@ __all__ = [
     "runtime_root",
     "shm_dir",
     "sweep",
+    "write_one_off",
 ]
 
 PREFIX = "dataserver-"
@@ -164,6 +169,22 @@ def attach(path: Path, writable: bool) -> Segment:
     finally:
         os.close(fd)
     return Segment(path, size, mm)
+
+
+def write_one_off(directory: Path, server_id: str, bid: int, nbytes: int,
+                  fill: Callable[[np.ndarray[Any, Any]], None]) -> str:
+    """A one-off segment for batch ``bid`` (one that does not fit its slot), named under the
+    server that owns and unlinks it; ``fill`` writes its ``nbytes`` bytes. Returns the name."""
+    name = f"{PREFIX}{server_id}-big-{bid}"
+    try:
+        seg = create(directory / name, max(nbytes, 1), f"batch of {nbytes} bytes")
+    except SharedMemoryError as exc:
+        raise SharedMemoryError(f"one-off segment for an oversize batch: {exc}") from None
+    try:
+        fill(np.frombuffer(seg.mm, np.uint8, nbytes))
+    finally:
+        seg.close()
+    return name
 
 
 def unlink(path: Path) -> None:

@@ -27,7 +27,7 @@ import zmq
 from dataserver import shm
 from dataserver._proc import pid_namespace
 from dataserver.config import ServerConfig
-from dataserver.errors import ProtocolError
+from dataserver.errors import ProtocolError, SharedMemoryError
 from dataserver.fifo import Inbox
 from dataserver.monitor import Monitor
 from dataserver.protocol import (
@@ -185,13 +185,12 @@ class WorkerSide:
             start = e.slot * sched.slot_bytes
             np.frombuffer(self.ring.mm, np.uint8, msg.nbytes, start)[:] = src
         else:
-            segment = f"{shm.PREFIX}{self.server_id}-big-{msg.bid}"
-            seg = shm.create(self.shm_dir / segment, max(msg.nbytes, 1),
-                             f"batch of {msg.nbytes} bytes")
             try:
-                np.frombuffer(seg.mm, np.uint8, msg.nbytes)[:] = src
-            finally:
-                seg.close()
+                segment = shm.write_one_off(self.shm_dir, self.server_id, msg.bid, msg.nbytes,
+                                            lambda region: np.copyto(region, src))
+            except SharedMemoryError as exc:  # as a local worker reports it: the batch failed
+                self._on_worker_message(wid, Raised(msg.bid, "SharedMemoryError", str(exc), ""))
+                return
         self._on_worker_message(wid, Done(msg.bid, segment, msg.nbytes, msg.layout, msg.busy_s))
 
     def _on_worker_message(self, wid: int, msg: Message) -> None:
@@ -224,9 +223,6 @@ class WorkerSide:
             w.pid = msg.pid
             w.frames = msg.frames
             w.host = msg.host
-            h = self.pool.handles.get(wid)
-            if h is not None and h.process is None and h.thread is None:
-                h.pid = msg.pid  # a Ray actor's handle learns its pid here
             if self.ring is not None and not w.frames:
                 self._send_worker(wid, UseRing(self.ring_name, sched.slot_bytes, sched.slots))
             w.ready = True
@@ -309,11 +305,11 @@ class WorkerSide:
             if w is not None and w.frames:
                 out[key] = (f"(Ray actor pid {w.pid} on {w.host}: run `ray stack` on that node, "
                             "or use the Ray dashboard)")
-            elif h.killable and h.pid:
+            elif h.killable and (pid := w.pid if w is not None else h.pid):
                 path = Path(stack_file(h.spec.address, inc))
                 size = path.stat().st_size if path.exists() else 0
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(h.pid, signal.SIGUSR1)
+                    os.kill(pid, signal.SIGUSR1)
                     asked[key] = (path, size)
             elif h.thread is not None and h.thread.ident is not None:
                 frame = sys._current_frames().get(h.thread.ident)
