@@ -126,20 +126,11 @@ class ConsumerSide:
 
     def _on_up(self) -> None:
         """Consumer messages from the up FIFO: the same handling as the socket's."""
-        assert self.up is not None and self.sched is not None
+        assert self.up is not None
         for token, data in self.up.read():
             cid = self._by_token.get(token)
-            if cid is None:
-                continue  # a consumer that left (or a stranger): nothing to answer
-            try:
-                msg = decode(data, MAX_CONSUMER_MESSAGE_BYTES)
-            except ProtocolError as exc:
-                self.sched.stats["bad_messages"] += 1
-                self._refuse(cid, str(exc))
-                continue
-            reason = self._on_client(cid, msg)
-            if reason:
-                self._refuse(cid, reason)
+            if cid is not None:  # else a consumer that left (or a stranger): nothing to answer
+                self._on_client_data(cid, data)
 
     def _send_frames(self, cid: bytes, ready: list[list[Any]]) -> None:
         """Ready, then each batch's bytes as a frame sent from shared memory without a copy
@@ -172,7 +163,11 @@ class ConsumerSide:
             if frames:
                 self._refuse(frames[0], "send one frame per message")
             return
-        cid, data = frames
+        self._on_client_data(frames[0], frames[1])
+
+    def _on_client_data(self, cid: bytes, data: bytes) -> None:
+        """One consumer message, from the socket or the up FIFO: checked, handled, refused
+        with the reason when it is bad."""
         try:
             msg = decode(data, MAX_CONSUMER_MESSAGE_BYTES)
         except ProtocolError as exc:

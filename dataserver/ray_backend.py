@@ -83,7 +83,7 @@ class RayHandle:
 
     def __init__(self, spec: WorkerSpec, ray: Any, actor: Any, ref: Any) -> None:
         self.spec = spec
-        self.pid: int | None = None  # known once the worker says it is ready
+        self.pid: int | None = None  # unknown here: the worker reports it (WorkerState.pid)
         self._ray = ray
         self.actor = actor
         self.reason = ""

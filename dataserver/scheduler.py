@@ -406,19 +406,14 @@ class Scheduler:
             return MIN_DEPTH
         return max(MIN_DEPTH, min(self.depth, 1 + int(QUEUE_S / self.busy_s)))
 
-    def _pick_worker(self, depth: int, alone: bool, skip: set[int] | None = None,
-                     filling: set[int] | None = None) -> WorkerState | None:
+    def _pick_worker(self, depth: int, alone: bool,
+                     skip: set[int] | None = None) -> WorkerState | None:
         """The least loaded ready worker with room; an idle one if the task must run alone;
-        none whose index is in ``skip`` (its generator ended). A worker's queue is topped up
-        once it is down to half (or while it is being topped up in this dispatch), so tasks go
-        out in chunks: one message per half a queue instead of one per batch."""
+        none whose index is in ``skip`` (its generator ended)."""
         best = None
-        refill = depth // 2
         for w in self.workers.values():
-            n = len(w.inflight)
             if (not w.ready or w.isolated or w.retiring or (skip and w.index in skip)
-                    or n >= (1 if alone else depth)
-                    or (n > refill and not alone and (filling is None or w.wid not in filling))):
+                    or len(w.inflight) >= (1 if alone else depth)):
                 continue
             if best is None or len(w.inflight) < len(best.inflight):
                 best = w
@@ -428,7 +423,6 @@ class Scheduler:
         now = time.monotonic()
         depth = self._depth()
         low: dict[int, tuple[int, int]] | None = None  # consumers do not move while we dispatch
-        filling: set[int] = set()
         while self.pending:
             e = self.pending[0]
             if e.state != PENDING:
@@ -446,7 +440,7 @@ class Scheduler:
                 if self.on_epoch_advance is not None:
                     self.on_epoch_advance(e.ds, e.epoch)
                 d.epoch_running = e.epoch
-            w = self._pick_worker(depth, e.suspect, d.exhausted if e.stream else None, filling)
+            w = self._pick_worker(depth, e.suspect, d.exhausted if e.stream else None)
             if w is None:
                 return
             if self.free_slots:
@@ -465,7 +459,6 @@ class Scheduler:
             e.worker = w.wid
             e.started = now if not w.inflight else 0.0
             w.inflight[e.bid] = None
-            filling.add(w.wid)
             w.isolated = e.suspect
             self.running_epochs[e.ds, e.epoch] += 1
             self.out_tasks.setdefault(w.wid, []).append([e.bid, e.ds, e.epoch, e.index, slot])

@@ -34,7 +34,6 @@ import zmq
 from dataserver import layout, shm
 from dataserver._proc import pid_namespace
 from dataserver.alloc import empty, full, slot_allocation, zeros
-from dataserver.errors import SharedMemoryError
 from dataserver.fifo import Outbox
 from dataserver.protocol import (
     Done,
@@ -205,16 +204,8 @@ class _Worker:
         return encode(Done(bid, segment, plan.nbytes, plan.layout, time.perf_counter() - t0))
 
     def write_oversize(self, bid: int, plan: layout.Plan) -> str:
-        name = f"{shm.PREFIX}{self.spec.server_id}-big-{bid}"
-        try:
-            seg = shm.create(self.dir / name, max(plan.nbytes, 1), f"batch of {plan.nbytes} bytes")
-        except SharedMemoryError as exc:
-            raise SharedMemoryError(f"one-off segment for an oversize batch: {exc}") from None
-        try:
-            layout.write(plan, np.frombuffer(seg.mm, np.uint8))
-        finally:
-            seg.close()
-        return name
+        return shm.write_one_off(self.dir, self.spec.server_id, bid, plan.nbytes,
+                                 lambda region: layout.write(plan, region))
 
     def serve(self) -> None:
         """Wait for messages; run queued tasks in order, answering each as soon as it is made
@@ -222,8 +213,9 @@ class _Worker:
         batch delay the finished ones before it)."""
         poll_ms = int(POLL_INTERVAL_S * 1000)
         queue: deque[list[int]] = deque()
+        reports = self.spec.kind == "ray"  # Ray workers report their own memory
         while True:
-            if self.spec.kind == "ray" and time.monotonic() >= self.next_report:
+            if reports and time.monotonic() >= self.next_report:
                 self.report_memory()
             if not queue and not self.sock.poll(poll_ms):
                 if self.spec.kind == "process" and os.getppid() != self.parent:
