@@ -31,14 +31,15 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from time import perf_counter
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from bench import memory
 from bench.workload import BenchError, Checker, Workload
 
-__all__ = ["CONTENDERS", "DATASERVER", "OPTIONAL", "PEERS", "RAY", "measure", "read_epoch"]
+__all__ = ["CONTENDERS", "DATASERVER", "OPTIONAL", "PEERS", "RAY", "Epoch", "boundary", "measure",
+           "read_epoch"]
 
 DATASERVER = ("process", "thread", "zerocopy", "frames")
 #: --backend ray (pip install -e '.[ray]'): not in the default run (each starts a private Ray,
@@ -142,21 +143,42 @@ def _ring_loop(wl: Workload, check: Checker, min_s: float, mm: mmap.mmap, slot_b
                 return done, elapsed
 
 
-def read_epoch(rs: Any, check: Checker, n: int) -> tuple[float, float, int]:
-    """Read one epoch: (time of the first batch, time after the last was consumed, count)."""
+class Epoch(NamedTuple):
+    first: float  # perf_counter() when the first batch arrived
+    end: float  # ... after the last batch was consumed
+    count: int
+    waited: float  # seconds spent waiting for batches 1..count-1 (inside next())
+
+
+def read_epoch(rs: Any, check: Checker, n: int) -> Epoch:
+    """Read one epoch, timing the first batch, the end and the waits for the others."""
     it = iter(rs)
     x, y = next(it)
     t_first = perf_counter()
     check(x, y, 0)
-    count = 1
+    count, waited = 1, 0.0
+    t = perf_counter()
     for x, y in it:  # rebinding x, y frees the previous batch (its slot is released)
+        got = perf_counter()
+        waited += got - t
         check(x, y, count)
         count += 1
+        t = perf_counter()
     del x, y
     t_end = perf_counter()
     if count != n:
         raise BenchError(f"an epoch of {n} batches yielded {count}")
-    return t_first, t_end, count
+    return Epoch(t_first, t_end, count, waited)
+
+
+def boundary(end1: float, e2: Epoch) -> dict[str, float]:
+    """The epoch boundary's figures: the wait from the last batch of epoch 1 consumed to the
+    first of epoch 2, the mean wait for a batch within epoch 2, and the stall: the boundary's
+    wait beyond that mean (where the workers are the bottleneck the consumer waits for every
+    batch; the boundary costs only what it adds)."""
+    wait = e2.first - end1
+    mean = e2.waited / (e2.count - 1) if e2.count > 1 else 0.0
+    return {"boundary_wait_s": wait, "mean_wait_s": mean, "stall_s": wait - mean}
 
 
 def measure_dataserver(wl: Workload, check: Checker, kind: str, run_dir: Path,
@@ -181,10 +203,12 @@ def measure_dataserver(wl: Workload, check: Checker, kind: str, run_dir: Path,
         with RemoteSequence(server.endpoint, timeout=60, transport=transport) as rs:
             connect = perf_counter() - t0
             t_start1 = perf_counter()
-            t_first1, t_end1, _ = read_epoch(rs, check, n)
+            e1 = read_epoch(rs, check, n)
+            t_first1, t_end1 = e1.first, e1.end
             rs.on_epoch_end()
             t_start2 = perf_counter()
-            t_first2, t_end2, _ = read_epoch(rs, check, n)
+            e2 = read_epoch(rs, check, n)
+            t_first2, t_end2 = e2.first, e2.end
             # the workers are the server's children (none: thread workers, in the server);
             # Ray actors are Ray's children: their pids come from status
             pids = memory.children(server.pid) if server.pid and ray_transport is None else {
@@ -192,12 +216,11 @@ def measure_dataserver(wl: Workload, check: Checker, kind: str, run_dir: Path,
             mem = memory.sample(pids, server_pid=server.pid)
         t_stop = perf_counter()
     stopped = perf_counter() - t_stop  # DataServer.close(): server, workers and segments gone
-    e2 = t_end2 - t_start2
     return _result(
-        n, e2, wl.nbytes, workers=workers,
+        n, t_end2 - t_start2, wl.nbytes, workers=workers,
         ttfb_s=t_first1 - t_start1,
         ttfb2_s=t_first2 - t_start2,
-        stall_s=t_first2 - t_end1,
+        **boundary(t_end1, e2),
         epoch1_s=t_end1 - t_start1,
         epoch1_batches_per_s=n / (t_end1 - t_start1),
         epoch2_after_first_batches_per_s=(n - 1) / (t_end2 - t_first2) if n > 1 else None,

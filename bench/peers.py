@@ -31,7 +31,7 @@ from time import perf_counter
 from typing import Any
 
 from bench import memory
-from bench.contenders import PEERS, read_epoch
+from bench.contenders import PEERS, Epoch, boundary, read_epoch
 from bench.workload import Checker, Workload
 
 __all__ = ["PEERS", "SLOW", "available", "measure_keras", "measure_torch"]
@@ -79,11 +79,6 @@ def available(wanted: Iterable[str]) -> tuple[dict[str, str], dict[str, str]]:
     return skipped, versions
 
 
-def _epoch(batches: Iterable[Any], check: Checker, n: int) -> tuple[float, float]:
-    t_first, t_end, _count = read_epoch(batches, check, n)
-    return t_first, t_end
-
-
 def _probing(batches: Iterable[Any], at: int, probe: Callable[[], None]) -> Iterator[Any]:
     for k, batch in enumerate(batches):
         if k == at:
@@ -91,17 +86,17 @@ def _probing(batches: Iterable[Any], at: int, probe: Callable[[], None]) -> Iter
         yield batch
 
 
-def _result(n: int, nbytes: int, t: dict[str, float], mem: dict[str, Any],
+def _result(n: int, nbytes: int, t: dict[str, float], e2: Epoch, mem: dict[str, Any],
             **extra: Any) -> dict[str, Any]:
-    e2 = t["end2"] - t["start2"]
-    rate = n / e2
+    seconds = e2.end - t["start2"]
+    rate = n / seconds
     return {
-        "batches": n, "seconds": e2, "batches_per_s": rate, "gb_per_s": rate * nbytes / 1e9,
+        "batches": n, "seconds": seconds, "batches_per_s": rate, "gb_per_s": rate * nbytes / 1e9,
         "workers": WORKERS, "ttfb_s": t["first1"] - t["start1"],
-        "ttfb2_s": t["first2"] - t["start2"], "stall_s": t["first2"] - t["end1"],
+        "ttfb2_s": e2.first - t["start2"], **boundary(t["end1"], e2),
         "epoch1_s": t["end1"] - t["start1"],
         "epoch1_batches_per_s": n / (t["end1"] - t["start1"]),
-        "epoch2_after_first_batches_per_s": (n - 1) / (t["end2"] - t["first2"]) if n > 1 else None,
+        "epoch2_after_first_batches_per_s": (n - 1) / (e2.end - e2.first) if n > 1 else None,
         **mem, **extra,
     }
 
@@ -129,11 +124,12 @@ def measure_keras(wl: Workload, check: Checker, use_multiprocessing: bool) -> di
         batches = adapter.get_numpy_iterator()
         if use_multiprocessing:
             batches = _probing(batches, probe_at, probe)
-        t["first1"], t["end1"] = _epoch(batches, check, n)
+        e1 = read_epoch(batches, check, n)
+        t["first1"], t["end1"] = e1.first, e1.end
         adapter.on_epoch_end()
         t["start2"] = perf_counter()
         adapter.on_epoch_begin()
-        t["first2"], t["end2"] = _epoch(adapter.get_numpy_iterator(), check, n)
+        e2 = read_epoch(adapter.get_numpy_iterator(), check, n)
         mem = memory.sample()
         if use_multiprocessing:  # the workers' figures from epoch 1 (see the module docstring)
             mem.update(worker_uss=seen.get("worker_uss"),
@@ -144,7 +140,7 @@ def measure_keras(wl: Workload, check: Checker, use_multiprocessing: bool) -> di
         del adapter, dataset
         gc.collect()  # Keras' pool is closed, not joined: its finalizer joins it
         left = memory.wait_gone(memory.children() - before)
-    return _result(n, wl.nbytes, t, mem, kind="process" if use_multiprocessing else "thread",
+    return _result(n, wl.nbytes, t, e2, mem, kind="process" if use_multiprocessing else "thread",
                    **({"left_running": left} if left else {}))
 
 
@@ -161,9 +157,10 @@ def measure_torch(wl: Workload, check: Checker) -> dict[str, Any]:
     loader = DataLoader(wl, batch_size=None, num_workers=WORKERS, persistent_workers=True)
     try:
         t["start1"] = perf_counter()
-        t["first1"], t["end1"] = _epoch(_as_numpy(loader), check, n)
+        e1 = read_epoch(_as_numpy(loader), check, n)
+        t["first1"], t["end1"] = e1.first, e1.end
         t["start2"] = perf_counter()
-        t["first2"], t["end2"] = _epoch(_as_numpy(loader), check, n)
+        e2 = read_epoch(_as_numpy(loader), check, n)
         mem = memory.sample(memory.children() - before)
     finally:
         it = getattr(loader, "_iterator", None)
@@ -172,4 +169,4 @@ def measure_torch(wl: Workload, check: Checker) -> dict[str, Any]:
         del loader, it
         gc.collect()
         left = memory.wait_gone(memory.children() - before)
-    return _result(n, wl.nbytes, t, mem, **({"left_running": left} if left else {}))
+    return _result(n, wl.nbytes, t, e2, mem, **({"left_running": left} if left else {}))

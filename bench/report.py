@@ -19,7 +19,8 @@ LABELS = {"inline": "inline", "ring": "one-copy ring", "process": "dataserver pr
           "ray-frames": "dataserver Ray actors (frames over TCP)",
           "keras-proc": "Keras PyDataset processes", "keras-thread": "Keras PyDataset threads",
           "torch": "PyTorch DataLoader"}
-FIGURES = ("batches_per_s", "gb_per_s", "ttfb_s", "ttfb2_s", "stall_s", "startup_s", "connect_s",
+FIGURES = ("batches_per_s", "gb_per_s", "ttfb_s", "ttfb2_s", "stall_s",
+           "boundary_wait_s", "mean_wait_s", "startup_s", "connect_s",
            "epoch1_batches_per_s", "epoch2_after_first_batches_per_s", "worker_uss",
            "consumer_rss", "server_uss")
 MIB = 1 / 2**20
@@ -121,12 +122,19 @@ def _f(v: float | None, fmt: str, scale: float = 1.0, suffix: str = "") -> str:
     return "—" if v is None else f"{v * scale:{fmt}}{suffix}"
 
 
+def _waits(r: dict[str, Any]) -> str:
+    if r.get("boundary_wait_s") is None:
+        return "—"
+    return f"{r['boundary_wait_s'] * 1e3:.2f} / {r['mean_wait_s'] * 1e3:.2f}"
+
+
 def table(rows: list[dict[str, Any]], reps: int) -> list[str]:
     out = [
         f"| workload (batch, cpu) | contender | batches/s (median of {reps}) | GB/s "
         "| vs inline | vs one-copy ring | first batch, epoch 1 (ms) | first batch, epoch 2 (ms) "
-        "| epoch-end stall (ms) | worker USS (MiB) | consumer RSS (MiB) |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| epoch-end stall (ms) | boundary wait / mean wait (ms) | worker USS (MiB) "
+        "| consumer RSS (MiB) |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         if r["batches_per_s"] is None:
@@ -140,6 +148,7 @@ def table(rows: list[dict[str, Any]], reps: int) -> list[str]:
             f"| {_f(r['gb_per_s'], '.2f')} | {_f(r['vs_inline'], '.2f', suffix='x')} "
             f"| {_f(r['vs_ring'], '.2f', suffix='x')} | {_f(r['ttfb_s'], '.1f', 1e3)} "
             f"| {_f(r['ttfb2_s'], '.2f', 1e3)} | {_f(r['stall_s'], '.2f', 1e3)} "
+            f"| {_waits(r)} "
             f"| {_f(r['worker_uss'], '.0f', MIB)} | {_f(r['consumer_rss'], '.0f', MIB)} |"
         )
     return out

@@ -144,7 +144,8 @@ def run_grid(a: argparse.Namespace, shm: Path, run_dir: Path) -> list[dict[str, 
                 raw.append(r)
                 rate = (f"{r['batches_per_s']:,.0f} batches/s, {r['gb_per_s']:.2f} GB/s"
                         if "error" not in r else r["error"])
-                extra = (f", first {r['ttfb_s'] * 1e3:.1f} ms, stall {r['stall_s'] * 1e3:.1f} ms"
+                extra = (f", first {r['ttfb_s'] * 1e3:.1f} ms, stall {r['stall_s'] * 1e3:.1f} ms "
+                         f"(boundary wait {r['boundary_wait_s'] * 1e3:.1f} ms)"
                          if "ttfb_s" in r else "")
                 if r.get("left_running"):
                     left = [*left, f"processes {r['left_running']}"]
@@ -263,8 +264,11 @@ def notes(a: argparse.Namespace, raw: list[dict[str, Any]], left: dict[str, Any]
         "through the indices for >= the minimum time",
         "- first batch, epoch 1: from iter() (Keras: on_epoch_begin()) to the first batch; the "
         "dataserver was started and connected beforehand, the peers start their workers here. "
-        "First batch, epoch 2: the same from just after epoch 1 ended; stall: last batch of "
-        "epoch 1 consumed -> first batch of epoch 2 received",
+        "First batch, epoch 2: the same from just after epoch 1 ended. Boundary wait: last "
+        "batch of epoch 1 consumed -> first batch of epoch 2 received; mean wait: the mean "
+        "time epoch 2's other batches were waited for; epoch-end stall: the boundary wait "
+        "minus the mean wait, what the boundary adds (where the workers are the bottleneck the "
+        "consumer waits for every batch, boundary or not)",
         "- worker USS: median over a contender's worker processes at the end of epoch 2 "
         "(Keras processes: near the end of epoch 1, as Keras' pool exits early; thread workers: "
         "—); consumer RSS: this process at the same moment",

@@ -87,8 +87,10 @@ def _epoch2(rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
             out[f"{who} {what} <= {bound * 1e3:g} ms"] = {
                 "worst_s": worst, "workload": wr["workload"], "pass": ok,
                 "each_s": {r["workload"]: v for v, r in got}}
+            how = (f"boundary wait {wr['boundary_wait_s'] * 1e3:.2f} ms minus mean wait "
+                   f"{wr['mean_wait_s'] * 1e3:.2f} ms; " if fig == "stall_s" else "")
             lines.append(f"- {LABELS[who]}, {what}: worst median {worst * 1e3:.2f} ms "
-                         f"({wr['workload']}; bound {bound * 1e3:g} ms; all: "
+                         f"({wr['workload']}: {how}bound {bound * 1e3:g} ms; all: "
                          + ", ".join(f"{v * 1e3:.2f}" for v, _ in got)
                          + f"): {_verdict(ok)}")
     return lines, out
