@@ -1,11 +1,12 @@
 """FIFO channels: short messages between processes of one host, without ZeroMQ's threads.
 
-The most frequent messages are short and local: a worker's answer for each batch (``Done``,
-``Raised``, ``Exhausted``), the server's ``Ready`` to a consumer that maps the ring, and that
-consumer's ``Release`` and ``Want``. Over ZeroMQ each costs two thread hops on each side (the
-sender's I/O thread, then the receiver's), which on a busy machine is most of a small batch's
-cost. A write of at most ``PIPE_BUF`` bytes into a FIFO is atomic and wakes the reader directly,
-so many writers can share one FIFO and a reader takes many messages with one ``read``.
+The most frequent messages are short and local: the server's ``Tasks`` to a worker and the
+worker's answer for each batch (``Done``, ``Raised``, ``Exhausted``), the server's ``Ready`` to
+a consumer that maps the ring, and that consumer's ``Release`` and ``Want``. Over ZeroMQ each
+costs two thread hops on each side (the sender's I/O thread, then the receiver's), which on a
+busy machine is most of a small batch's cost. A write of at most ``PIPE_BUF`` bytes into a FIFO
+is atomic and wakes the reader directly, so many writers can share one FIFO and a reader takes
+many messages with one ``read``.
 
 A record is ``<u32 length><u32 token>`` then one encoded message; the token says who wrote it
 (a worker's incarnation, a consumer's number). A writer whose message is longer, or who finds
@@ -30,16 +31,18 @@ _READ_BYTES = 1 << 16
 
 
 class Inbox:
-    """The reading end. ``create``: make the FIFO (and keep a write end of our own open, so it
-    never reads as closed while no writer has it open); else open one another process made."""
+    """The reading end. ``create``: make the FIFO (and unlink it on close); else open one
+    another process made. ``keep`` (the default when creating): hold a write end of our own,
+    so the FIFO never reads as closed (nor polls as hung up) while no writer has it open."""
 
-    def __init__(self, path: str, create: bool = True) -> None:
+    def __init__(self, path: str, create: bool = True, keep: bool | None = None) -> None:
         self.path = path
         self.created = create
         if create:
             os.mkfifo(path, 0o600)
         self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        self._keep = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC) if create else -1
+        keep = create if keep is None else keep
+        self._keep = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC) if keep else -1
         self._rest = b""
         self.ended = False  # every writer closed it (only when not created here)
 

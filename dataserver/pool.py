@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -19,6 +21,12 @@ __all__ = ["Pool", "WorkerHandle", "describe_exit"]
 log = logging.getLogger("dataserver")
 JOIN_TIMEOUT_S = 3.0
 TERMINATE_TIMEOUT_S = 2.0
+
+
+def _unlink(path: str) -> None:
+    if path:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def describe_exit(code: int | None) -> str:
@@ -76,6 +84,10 @@ class Pool:
     def start(self, index: int, skip: tuple[int, ...] = ()) -> WorkerHandle:
         spec = replace(self.template, worker=index, incarnation=self._next, skip=skip)
         self._next += 1
+        if spec.answers:  # its task FIFO, beside the answer FIFO; the worker opens the read end
+            spec = replace(spec, tasks=os.path.join(os.path.dirname(spec.answers),
+                                                    f"tasks-{spec.incarnation}.fifo"))
+            os.mkfifo(spec.tasks, 0o600)
         h = WorkerHandle(spec)
         if spec.kind == "process":
             h.process = self.mp.Process(target=worker_main, args=(spec,),
@@ -90,6 +102,8 @@ class Pool:
 
     def forget(self, incarnation: int) -> WorkerHandle | None:
         h = self.handles.pop(incarnation, None)
+        if h is not None:
+            _unlink(h.spec.tasks)
         if h is not None and h.process is not None:
             h.process.join(0.1)
             if not h.process.is_alive():
@@ -133,6 +147,7 @@ class Pool:
                 log.warning("worker thread %d is stuck in the Sequence; abandoning it",
                             h.spec.worker)
         for h in self.handles.values():
+            _unlink(h.spec.tasks)
             if h.process is not None and not h.process.is_alive():
                 h.process.close()
         self.handles.clear()

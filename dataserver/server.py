@@ -105,6 +105,7 @@ class Server(WorkerSide, ConsumerSide):
         self._secret = secrets.token_hex(16)  # workers prove with it that we started them
         self._authed: set[int] = set()  # incarnations that did
         self.answers: Inbox | None = None
+        self._task_boxes: dict[int, Outbox] = {}  # incarnation -> write end of its task FIFO
         self.up: Inbox | None = None  # short messages from local consumers (OpenPipes)
         self._pipes: dict[bytes, tuple[int, Inbox, Outbox]] = {}  # cid -> token, down FIFO
         self._by_token: dict[int, bytes] = {}
@@ -498,6 +499,9 @@ class Server(WorkerSide, ConsumerSide):
             self.workers_sock.close(0)
         if self.answers is not None:
             self.answers.close()
+        for box in self._task_boxes.values():
+            box.close()
+        self._task_boxes.clear()
         for cid in list(self._pipes):
             self._close_pipes(cid)
         if self.up is not None:

@@ -28,7 +28,7 @@ from dataserver import shm
 from dataserver._proc import pid_namespace
 from dataserver.config import ServerConfig
 from dataserver.errors import ProtocolError, SharedMemoryError
-from dataserver.fifo import Inbox
+from dataserver.fifo import Inbox, Outbox
 from dataserver.monitor import Monitor
 from dataserver.protocol import (
     MAX_CONSUMER_MESSAGE_BYTES,
@@ -39,6 +39,7 @@ from dataserver.protocol import (
     Raised,
     StartFailed,
     Stop,
+    Tasks,
     UseRing,
     WorkerMemory,
     WorkerReady,
@@ -60,6 +61,8 @@ STACKS_TIMEOUT_S = 1.0
 #: Memory samples (one per new batch, at most two a second) that must all rise to warn.
 GROWTH_SAMPLES = 10
 GROWTH_MIN_BYTES = 32 << 20
+#: Tasks per FIFO record: an item is at most 46 bytes of msgpack, so 64 fit in PIPE_BUF.
+TASKS_PER_RECORD = 64
 _NO_WORKER = WorkerState(-1, -1)
 
 
@@ -82,6 +85,7 @@ class WorkerSide:
     poller: zmq.Poller
     monitor: Monitor
     answers: Inbox | None
+    _task_boxes: dict[int, Outbox]
     mem_history: dict[int, deque[tuple[int, int]]]
     growing: set[int]
     _sentinels: dict[int, int]
@@ -123,7 +127,25 @@ class WorkerSide:
             self.poller.register(h.sentinel, zmq.POLLIN)
 
     def _send_worker(self, wid: int, msg: Message) -> None:
+        """Tasks and UseRing by the worker's FIFO where it has one; whatever that cannot take
+        (a full FIFO) goes by socket, and so does everything after it (the worker reads its
+        FIFO before its socket, so the order holds)."""
         assert self.workers_sock is not None
+        box = self._task_boxes.get(wid)
+        if box is not None and isinstance(msg, Tasks | UseRing):
+            if isinstance(msg, UseRing):
+                if box.send(encode(msg)):
+                    return
+            else:
+                items = msg.items
+                while items and box.send(encode(Tasks(items[:TASKS_PER_RECORD]))):
+                    items = items[TASKS_PER_RECORD:]
+                if not items:
+                    return
+                msg = Tasks(items)
+            log.debug("worker %d: its task FIFO is full; by socket from now on", wid)
+            box.close()
+            del self._task_boxes[wid]
         self.workers_sock.send_multipart([f"w{wid}".encode(), encode(msg)])
 
     def _on_worker_frames(self, frames: list[Any]) -> None:
@@ -223,6 +245,12 @@ class WorkerSide:
             w.pid = msg.pid
             w.frames = msg.frames
             w.host = msg.host
+            h = self.pool.handles.get(wid)
+            if h is not None and h.spec.tasks and not w.frames:
+                try:  # the worker holds the read end open by now
+                    self._task_boxes[wid] = Outbox(h.spec.tasks, 0)
+                except OSError as exc:
+                    log.debug("worker %d: no task FIFO (%s); tasks by socket", wid, exc)
             if self.ring is not None and not w.frames:
                 self._send_worker(wid, UseRing(self.ring_name, sched.slot_bytes, sched.slots))
             w.ready = True
@@ -286,6 +314,9 @@ class WorkerSide:
 
     def _forget_worker(self, inc: int) -> None:
         assert self.pool is not None
+        box = self._task_boxes.pop(inc, None)
+        if box is not None:
+            box.close()
         self.pool.forget(inc)
         self._authed.discard(inc)
         for table in (self.mem_history, self._retire_since, self._retire_asked):

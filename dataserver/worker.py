@@ -34,7 +34,7 @@ import zmq
 from dataserver import layout, shm
 from dataserver._proc import pid_namespace
 from dataserver.alloc import empty, full, slot_allocation, zeros
-from dataserver.fifo import Outbox
+from dataserver.fifo import Inbox, Outbox
 from dataserver.protocol import (
     Done,
     Exhausted,
@@ -74,6 +74,7 @@ class WorkerSpec:
     skip: tuple[int, ...] = ()  # per dataset: generator items a predecessor already made
     secret: str = ""  # proves to the server that this worker is one it started
     answers: str = ""  # the server's answer FIFO (dataserver.fifo); "": answer by socket
+    tasks: str = ""  # this worker's task FIFO, made by the pool; "": tasks by socket only
     # Ray actors only:
     tcp_address: str = ""  # the worker endpoint for actors on other hosts
     transport: str = "auto"  # auto: shared memory when on the server's host; shm; frames
@@ -119,9 +120,11 @@ def _error_fields(exc: BaseException) -> tuple[str, str, str]:
 
 class _Worker:
     def __init__(self, spec: WorkerSpec, sock: zmq.Socket[bytes], seqs: list[Any],
-                 frames: bool = False, answers: Outbox | None = None) -> None:
+                 frames: bool = False, answers: Outbox | None = None,
+                 tasks: Inbox | None = None) -> None:
         self.spec = spec
         self.answers = answers
+        self.tasks = tasks
         self.frames = frames  # send batches as frames instead of writing the ring
         self.sock = sock
         self.seqs = seqs
@@ -214,21 +217,39 @@ class _Worker:
         poll_ms = int(POLL_INTERVAL_S * 1000)
         queue: deque[list[int]] = deque()
         reports = self.spec.kind == "ray"  # Ray workers report their own memory
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        if self.tasks is not None:
+            poller.register(self.tasks.fd, zmq.POLLIN)
         while True:
             if reports and time.monotonic() >= self.next_report:
                 self.report_memory()
-            if not queue and not self.sock.poll(poll_ms):
+            events = dict(poller.poll(0 if queue else poll_ms))
+            if not events and not queue:
                 if self.spec.kind == "process" and os.getppid() != self.parent:
                     return  # the server (or the fork server that started us) is gone
                 continue
-            while self.sock.poll(0):  # everything that arrived (poll(0): 1.9 us a check)
-                msg = decode(self.sock.recv())
-                if isinstance(msg, Tasks):
-                    queue.extend(msg.items)
-                elif isinstance(msg, UseRing):
-                    self.use_ring(msg)
-                elif isinstance(msg, Stop):
-                    return
+            # the FIFO first: the server sends by socket only what it could not send there,
+            # and never by the FIFO again after that (dataserver.supervise), so this keeps order
+            if self.tasks is not None and self.tasks.fd in events:
+                for _token, data in self.tasks.read():
+                    msg = decode(data)
+                    if isinstance(msg, Tasks):
+                        queue.extend(msg.items)
+                    elif isinstance(msg, UseRing):
+                        self.use_ring(msg)
+            if self.sock in events:
+                while True:
+                    try:
+                        msg = decode(self.sock.recv(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+                    if isinstance(msg, Tasks):
+                        queue.extend(msg.items)
+                    elif isinstance(msg, UseRing):
+                        self.use_ring(msg)
+                    elif isinstance(msg, Stop):
+                        return
             if queue:
                 answer = self.run_task(*queue.popleft())
                 if type(answer) is list:
@@ -295,6 +316,7 @@ def worker_main(spec: WorkerSpec) -> None:
     sock.connect(address)
     worker: _Worker | None = None
     answers: Outbox | None = None
+    tasks: Inbox | None = None
     try:
         set_worker_info(WorkerInfo(spec.worker, spec.count, 0, spec.kind), not own_process)
         try:
@@ -307,11 +329,13 @@ def worker_main(spec: WorkerSpec) -> None:
         except BaseException as exc:
             sock.send(encode(StartFailed(spec.incarnation, spec.secret, *_error_fields(exc))))
             return
+        if spec.tasks and not frames:  # open before WorkerReady: the server then opens it
+            tasks = Inbox(spec.tasks, create=False, keep=True)
         sock.send(encode(WorkerReady(spec.incarnation, os.getpid(), spec.secret, frames,
                                      os.uname().nodename)))
         if spec.answers and not frames:
             answers = Outbox(spec.answers, spec.incarnation)
-        worker = _Worker(spec, sock, seqs, frames, answers)
+        worker = _Worker(spec, sock, seqs, frames, answers, tasks)
         worker.serve()
     finally:
         if stacks is not None:
@@ -320,8 +344,9 @@ def worker_main(spec: WorkerSpec) -> None:
         if worker is not None and worker.ring is not None:
             worker.ring_array = None
             worker.ring.close()
-        if answers is not None:
-            answers.close()
+        for box in (answers, tasks):
+            if box is not None:
+                box.close()
         sock.close()
         if own_process:
             ctx.term()

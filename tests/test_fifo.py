@@ -1,12 +1,14 @@
-"""The FIFO channels beside the sockets (dataserver.fifo): worker answers, and a local
-consumer's short messages both ways. Whatever does not fit, or finds a FIFO full, must still
-arrive over the socket."""
+"""The FIFO channels beside the sockets (dataserver.fifo): tasks to each worker, worker
+answers, and a local consumer's short messages both ways. Whatever does not fit, or finds a
+FIFO full, must still arrive over the socket."""
 
 from __future__ import annotations
 
 import os
+import signal
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,7 +17,9 @@ import seqs
 from dataserver import shm
 from dataserver.client import RemoteSequence
 from dataserver.fifo import MAX_MESSAGE, Inbox, Outbox
+from dataserver.protocol import Tasks, UseRing, decode
 from dataserver.status import fetch_status
+from dataserver.supervise import WorkerSide
 from helpers import wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -106,3 +110,58 @@ def test_frames_consumers_get_no_fifo_and_strangers_are_ignored(serve: Any) -> N
         assert rs._down is None
     with RemoteSequence(server.endpoint) as rs:
         assert [int(y[0]) for _x, y in rs] == list(range(40))
+
+
+def _tasks_fifos(server: Any) -> set[str]:
+    return {n for n in _fifos(server) if n.startswith("tasks-")}
+
+
+def test_each_worker_has_its_own_task_fifo_and_a_replacement_a_new_one(serve: Any) -> None:
+    server = serve(seqs.Indexed(40), workers=2)
+    with RemoteSequence(server.endpoint) as rs:
+        assert [int(y[0]) for _x, y in rs] == list(range(40))
+        before = _tasks_fifos(server)
+        assert len(before) == 2, before
+        victim = fetch_status(server.endpoint)["workers"][0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: all(w["pid"] != victim and w["state"] != "starting"
+                             for w in fetch_status(server.endpoint)["workers"]),
+                 "the killed worker to be replaced")
+        rs.on_epoch_end()
+        assert [int(y[0]) for _x, y in rs] == list(range(40))
+        after = _tasks_fifos(server)
+        assert len(after) == 2 and len(after & before) == 1, (before, after)
+
+
+class _Socket:
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    def send_multipart(self, frames: list[bytes]) -> None:
+        self.sent.append(decode(frames[1]))
+
+
+def test_tasks_the_fifo_cannot_take_go_by_socket_and_so_does_all_after(tmp_path: Path) -> None:
+    """The worker reads its FIFO before its socket, so the server must never go back to the
+    FIFO once something went by socket: then the order of tasks holds."""
+    inbox = Inbox(str(tmp_path / "tasks"))
+    box = Outbox(inbox.path, 0)
+    server = SimpleNamespace(_task_boxes={3: box}, workers_sock=_Socket())
+    try:
+        filler = Outbox(inbox.path, 9)  # 64-byte records: full pages, 16 of them
+        while filler.send(b"z" * 56):
+            pass
+        filler.close()
+        assert len(os.read(inbox.fd, 4096)) == 4096  # one page free: two records of tasks fit
+        items = [[(1 << 40) + bid, 0, 0, (1 << 40) + bid, 3] for bid in range(200)]
+        WorkerSide._send_worker(server, 3, Tasks(items))  # type: ignore[arg-type]
+        WorkerSide._send_worker(server, 3, UseRing("r", 64, 4))  # type: ignore[arg-type]
+        by_fifo = [decode(data) for token, data in inbox.read() if token == 0]
+        assert by_fifo and all(isinstance(m, Tasks) for m in by_fifo)
+        by_socket = server.workers_sock.sent
+        assert [type(m) for m in by_socket] == [Tasks, UseRing]
+        got = [it for m in by_fifo for it in m.items] + by_socket[0].items
+        assert got == items, "every task once, in order"
+        assert 3 not in server._task_boxes and box.fd < 0, "no going back to the FIFO"
+    finally:
+        box.close(), inbox.close()
