@@ -59,6 +59,8 @@ __all__ = ["RemoteSequence"]
 #: Blocked this long on the next batch, ask the server to make it even if every slot is held.
 URGENT_AFTER_S = 0.05
 POLL_SLICE_MS = 50
+#: Waiting for a batch with releases held back, send them after this long without news.
+RELEASE_GRACE_MS = 2
 
 
 def _close_socket(sock: zmq.Socket[bytes], ctx: zmq.Context[zmq.Socket[bytes]],
@@ -327,14 +329,19 @@ class RemoteSequence:
             self._releases.append((-1, item[3]))
 
     def _wait(self, ready: Callable[[], bool], urgent: Want | None = None) -> None:
-        """Receive until ``ready()``; ping a quiet server; give up after ``timeout`` of silence."""
+        """Receive until ``ready()``; ping a quiet server; give up after ``timeout`` of silence.
+        Releases fewer than a batch of them wait for the next (the server does not need them
+        yet: the ring has that much slack), unless nothing arrives for RELEASE_GRACE_MS or this
+        consumer holds more batches than that slack allows (it keeps some alive)."""
         self._check_open()
-        self._flush_releases()
+        if len(self._live) > self._release_batch:
+            self._flush_releases()
         start = heard = time.monotonic()
         pinged = 0.0
         while not ready():
-            if (self._poller.poll(POLL_SLICE_MS) if self._poller is not None
-                    else self._sock.poll(POLL_SLICE_MS)):
+            slice_ms = RELEASE_GRACE_MS if self._releases else POLL_SLICE_MS
+            if (self._poller.poll(slice_ms) if self._poller is not None
+                    else self._sock.poll(slice_ms)):
                 frames = self.transport == "frames"
                 got: list[tuple[bytes, list[Any] | None]] = []
                 while True:
@@ -357,7 +364,9 @@ class RemoteSequence:
                 heard = time.monotonic()
                 continue
             now = time.monotonic()
-            self._flush_releases()
+            if self._releases:  # the grace ran out: send them, then wait the usual slice
+                self._flush_releases()
+                continue
             if urgent is not None and now - start > URGENT_AFTER_S:
                 self._send(urgent)
                 urgent = None
