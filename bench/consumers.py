@@ -32,6 +32,7 @@ import psutil
 
 from bench.workload import Workload
 from dataserver import DataServer
+from dataserver.status import fetch_status
 
 CONSUMER = """
 import sys, time
@@ -80,7 +81,7 @@ def measure(wl: Workload, consumers: int, epochs: int, run_dir: Path,
     """One server; the workers' CPU seconds and each consumer's batches/s."""
     endpoint = f"ipc://{run_dir}/consumers-{consumers}-{time.monotonic_ns()}.sock"
     with DataServer(wl, workers=2, endpoint=endpoint, slots=2 * len(wl) + 16) as server:
-        workers = psutil.Process(server.pid).children()
+        workers = [psutil.Process(w["pid"]) for w in fetch_status(server.endpoint)["workers"]]
         before = _cpu(workers)
         rates = run_consumers(endpoint, consumers, epochs, step_s)
         return {"worker_cpu_s": _cpu(workers) - before, "rates": rates}

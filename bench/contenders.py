@@ -209,10 +209,10 @@ def measure_dataserver(wl: Workload, check: Checker, kind: str, run_dir: Path,
             t_start2 = perf_counter()
             e2 = read_epoch(rs, check, n)
             t_first2, t_end2 = e2.first, e2.end
-            # the workers are the server's children (none: thread workers, in the server);
-            # Ray actors are Ray's children: their pids come from status
-            pids = memory.children(server.pid) if server.pid and ray_transport is None else {
-                w["pid"] for w in fetch_status(server.endpoint)["workers"]}
+            # from status: process workers are the fork server's children, Ray actors Ray's
+            # (thread workers live in the server: none of their own)
+            pids = {w["pid"] for w in fetch_status(server.endpoint)["workers"]
+                    if w["kind"] != "thread"}
             mem = memory.sample(pids, server_pid=server.pid)
         t_stop = perf_counter()
     stopped = perf_counter() - t_stop  # DataServer.close(): server, workers and segments gone

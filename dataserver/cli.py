@@ -26,6 +26,8 @@ def _size_or_auto(value: str) -> int | None:
 def add_serve_options(serve: argparse.ArgumentParser) -> None:
     """SPECs and every option of ``serve``; ``launch`` takes the very same, so the two can
     never drift apart."""
+    from dataserver.config import DEFAULT_START_METHOD
+
     serve.add_argument("spec", metavar="SPEC", nargs="*",
                        help="module:name of a Sequence instance, class or factory; several "
                             "named datasets as NAME=module:name (one pool serves them all)")
@@ -50,7 +52,10 @@ def add_serve_options(serve: argparse.ArgumentParser) -> None:
                        help="serve each epoch in a permutation derived from --seed and the epoch")
     serve.add_argument("--seed", type=int, default=0)
     serve.add_argument("--start-method", choices=["spawn", "forkserver", "fork"],
-                       default="spawn")
+                       default=DEFAULT_START_METHOD,
+                       help="how process workers start (default %(default)s: forked from a "
+                            "server that preloaded the Sequence's module; spawn if importing "
+                            "it starts threads)")
     serve.add_argument("--max-retries", type=int, default=2,
                        help="retries of a batch whose worker died, before reporting it")
     serve.add_argument("--batch-timeout", type=float, default=None, metavar="SECONDS",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import multiprocessing
 import os
 import re
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ __all__ = ["ServerConfig", "default_endpoint", "parse_size"]
 
 WorkerType = Literal["process", "thread"]
 StartMethod = Literal["spawn", "forkserver", "fork"]
+DEFAULT_START_METHOD: StartMethod = (
+    "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
 Backend = Literal["local", "ray"]
 Transport = Literal["auto", "shm", "frames"]
 
@@ -107,7 +110,13 @@ class ServerConfig:
     * ``slots=0`` (auto): prefetch plus a quarter (at least 4) of slack for the batches in the
       user's hands and releases on their way back.
     * ``slot_bytes=None`` (auto): size slots from the first batch with 25 % headroom.
-    * ``start_method="spawn"``: ZeroMQ contexts and threads do not survive fork.
+    * ``start_method="forkserver"`` (``spawn`` where there is none): process workers fork from
+      a clean server process that has imported numpy, ZeroMQ, dataserver and the Sequence's
+      module, and frozen them for the garbage collector, so every worker shares those pages
+      (about 12 MiB of its own, against 18 spawned; 14 against 147 when the Sequence's module
+      imports torch). ``spawn`` imports everything again in each worker: use it if importing
+      your module starts threads or opens devices. ``fork`` copies the server itself, ZeroMQ
+      threads included: only for experiments.
     * ``max_retries=2``: a batch whose worker died is retried twice, then reported.
     * ``batch_timeout=None``: a batch may take as long as it takes unless you set a deadline.
     * ``max_worker_memory=None``, ``max_worker_tasks=None``: no caps unless you set them; a
@@ -130,7 +139,7 @@ class ServerConfig:
     slot_bytes: int | None = None
     shuffle: bool = False
     seed: int = 0
-    start_method: StartMethod = "spawn"
+    start_method: StartMethod = DEFAULT_START_METHOD
     max_retries: int = 2
     batch_timeout: float | None = None
     consumer_timeout: float = 10.0

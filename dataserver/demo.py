@@ -41,22 +41,12 @@ class SyntheticImages(Sequence):
         return x, y
 
 
-def _worker_memory(server_pid: int) -> list[tuple[int, float | None]]:
-    import psutil
+def _worker_memory(endpoint: str) -> list[tuple[int, float | None]]:
+    """(pid, USS) of each worker, as the server's status reports them (workers forked from a
+    fork server are not the server's children)."""
+    from dataserver.status import fetch_status
 
-    out: list[tuple[int, float | None]] = []
-    try:
-        children = psutil.Process(server_pid).children()
-    except psutil.Error:
-        return out
-    for child in children:
-        try:
-            out.append((child.pid, child.memory_full_info().uss))
-        except psutil.AccessDenied:
-            out.append((child.pid, None))
-        except psutil.Error:
-            continue
-    return out
+    return [(w["pid"], w.get("uss")) for w in fetch_status(endpoint)["workers"]]
 
 
 def run_demo(epochs: int = 2, batches: int = 200, workers: int = 2) -> int:
@@ -99,7 +89,7 @@ def run_demo(epochs: int = 2, batches: int = 200, workers: int = 2) -> int:
                     progress.update(task, advance=1, rate=f"{rate:,.0f} batches/s")
                 seq.on_epoch_end()
             elapsed = time.perf_counter() - start
-            memory = _worker_memory(server.pid or 0)
+            memory = _worker_memory(server.endpoint)
     total = len(seq) * epochs
     table = Table(title="summary", show_header=False)
     table.add_row("batches", f"{total} in {elapsed:.2f} s, in order, each exactly once")

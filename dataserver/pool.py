@@ -7,6 +7,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from dataclasses import dataclass, replace
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from dataserver import _preload
 from dataserver.worker import WorkerSpec, worker_main
 
 __all__ = ["Pool", "WorkerHandle", "describe_exit"]
@@ -77,7 +79,11 @@ class Pool:
         self.template = template
         self.mp: Any = multiprocessing.get_context(start_method)
         if start_method == "forkserver":  # workers then share these pages copy-on-write
-            self.mp.set_forkserver_preload(["numpy", "zmq", "msgpack", "dataserver.worker"])
+            os.environ[_preload.ENV] = ",".join(
+                dict.fromkeys(m for m in (s.module for s in template.sources) if m))
+            os.environ[_preload.PATH_ENV] = os.pathsep.join(p for p in sys.path if p)
+            self.mp.set_forkserver_preload(["numpy", "zmq", "msgpack", "dataserver.worker",
+                                            "dataserver._preload"])
         self.handles: dict[int, WorkerHandle] = {}  # by incarnation
         self._next = 0
 

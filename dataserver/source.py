@@ -129,6 +129,17 @@ class SequenceSource:
     def name(self) -> str:
         return self.spec or type(self.obj).__qualname__
 
+    @property
+    def module(self) -> str:
+        """The module that defines it ("" for a script's ``__main__``): what a fork server
+        can import ahead of the workers."""
+        if self.spec:
+            name = self.spec.partition(":")[0]
+        else:
+            target = self.obj if callable(self.obj) and self.generator else type(self.obj)
+            name = getattr(target, "__module__", "") or ""
+        return "" if name in ("__main__", "builtins") else name
+
     def load(self) -> Any:
         if self.generator:
             return self.stream()

@@ -19,3 +19,12 @@ def wait_for(condition: Any, what: str, timeout: float = 20.0) -> Any:
             return value
         time.sleep(POLL_S)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def worker_pids(endpoint: str) -> list[int]:
+    """The pids of the server's running process workers, from its status. Not the server's
+    children: with the forkserver start method, workers are the fork server's children."""
+    from dataserver.status import fetch_status
+
+    return [w["pid"] for w in fetch_status(endpoint)["workers"]
+            if w["state"] != "starting" and w["kind"] == "process"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import seqs
 from dataserver.client import RemoteSequence
 from dataserver.errors import ConfigError
 from dataserver.status import fetch_status
-from helpers import wait_for
+from helpers import wait_for, worker_pids
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -101,9 +103,6 @@ def test_status_stacks_find_a_stuck_getitem(serve: Any, tmp_path: Path,
                              timeout=30)
         assert out.returncode == 0 and "worker 0" in out.stdout and "__getitem__" in out.stdout
         if worker_type == "process":  # the hung worker is killed at its deadline; go on
-            server_pid = server.pid
-            import psutil
-
-            for child in psutil.Process(server_pid).children():
-                child.kill()
+            for pid in worker_pids(server.endpoint):
+                os.kill(pid, signal.SIGKILL)
             assert [int(y[0]) for _x, y in it] == list(range(2, 8))

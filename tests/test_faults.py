@@ -10,19 +10,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 import seqs
 from dataserver import shm
 from dataserver.client import RemoteSequence, ServerUnavailable
+from helpers import worker_pids
 
 pytestmark = pytest.mark.timeout(120)
 HERE = Path(__file__).parent
-
-
-def worker_pids(server: Any) -> list[int]:
-    return [p.pid for p in psutil.Process(server.pid).children()]
 
 
 def test_sigkill_random_workers_repeatedly_loses_nothing(serve: Any) -> None:
@@ -33,7 +29,7 @@ def test_sigkill_random_workers_repeatedly_loses_nothing(serve: Any) -> None:
         for _x, y in seq:
             got.append(int(y[0]))
             if len(got) % 25 == 10:
-                pids = worker_pids(server)
+                pids = worker_pids(server.endpoint)
                 os.kill(pids[len(got) % len(pids)], signal.SIGKILL)
                 killed += 1
     assert killed == 5
@@ -55,7 +51,7 @@ def test_stopped_worker_is_replaced_after_batch_timeout(serve: Any) -> None:
         for _x, y in seq:
             got.append(int(y[0]))
             if len(got) == 5:
-                os.kill(worker_pids(server)[0], signal.SIGSTOP)
+                os.kill(worker_pids(server.endpoint)[0], signal.SIGSTOP)
     assert got == list(range(30))
 
 
@@ -194,7 +190,7 @@ def test_stopped_server_is_unavailable_after_the_timeout(serve: Any) -> None:
             os.kill(server.pid, signal.SIGCONT)
 
 
-@pytest.mark.parametrize("method", ["forkserver", "fork"])
+@pytest.mark.parametrize("method", ["spawn", "fork"])
 def test_other_start_methods(serve: Any, method: str) -> None:
     from dataserver.status import fetch_status
     from dataserver.worker import POLL_INTERVAL_S
@@ -205,6 +201,33 @@ def test_other_start_methods(serve: Any, method: str) -> None:
     # idle workers stay up (they check their parent every POLL_INTERVAL_S)
     time.sleep(3 * POLL_INTERVAL_S)
     assert "restarts" not in fetch_status(server.endpoint)["counters"]
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_the_fork_server_imports_the_sequence_module_for_every_worker(serve: Any,
+                                                                      method: str) -> None:
+    server = serve(spec="seqs:WhereImported", start_method=method)
+    with RemoteSequence(server.endpoint) as seq:
+        rows = [[int(v) for v in y] for _x, y in seq]
+    assert [r[0] for r in rows] == list(range(10))
+    importers = {r[1] for r in rows}
+    makers = {r[2] for r in rows}
+    if method == "forkserver":  # one import, in the fork server, shared by the workers
+        assert len(importers) == 1 and importers.isdisjoint(makers | {server.pid})
+    else:  # each worker imported it itself
+        assert all(r[1] == r[2] for r in rows)
+
+
+def test_a_module_the_fork_server_cannot_import_is_left_to_the_worker(tmp_path: Path) -> None:
+    (tmp_path / "explodes.py").write_text("raise RuntimeError('not here')\n")
+    (tmp_path / "fine.py").write_text("VALUE = 1\n")
+    code = ("import sys, dataserver._preload; "
+            "print('fine' in sys.modules, 'explodes' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path,
+                         env={**os.environ, "DATASERVER_PRELOAD": "nosuch.mod,explodes,fine",
+                              "PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 0 and out.stdout.split() == ["True", "False"], out
 
 
 def test_demo_command_runs_and_checks_order(isolated: dict[str, Path]) -> None:
