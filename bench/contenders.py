@@ -28,6 +28,7 @@ import itertools
 import mmap
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from time import perf_counter
@@ -181,12 +182,23 @@ def boundary(end1: float, e2: Epoch) -> dict[str, float]:
     return {"boundary_wait_s": wait, "mean_wait_s": mean, "stall_s": wait - mean}
 
 
+def _idle_workers(endpoint: str, timeout_s: float = 2.0) -> list[dict[str, Any]]:
+    """The workers from status once none is making a batch (or after ``timeout_s``)."""
+    from dataserver.status import fetch_status
+
+    deadline = perf_counter() + timeout_s
+    while True:
+        workers: list[dict[str, Any]] = fetch_status(endpoint)["workers"]
+        if all(w["state"] == "idle" for w in workers) or perf_counter() > deadline:
+            return workers
+        time.sleep(0.005)
+
+
 def measure_dataserver(wl: Workload, check: Checker, kind: str, run_dir: Path,
                        workers: int = 2, transport: str = "auto",
                        ray_transport: str | None = None) -> dict[str, Any]:
     from dataserver import DataServer
     from dataserver.client import RemoteSequence
-    from dataserver.status import fetch_status
 
     n = len(wl)
     endpoint = f"ipc://{run_dir}/bench-{kind}-{next(_servers)}.sock"
@@ -210,9 +222,11 @@ def measure_dataserver(wl: Workload, check: Checker, kind: str, run_dir: Path,
             e2 = read_epoch(rs, check, n)
             t_first2, t_end2 = e2.first, e2.end
             # from status: process workers are the fork server's children, Ray actors Ray's
-            # (thread workers live in the server: none of their own)
-            pids = {w["pid"] for w in fetch_status(server.endpoint)["workers"]
-                    if w["kind"] != "thread"}
+            # (thread workers live in the server: none of their own). Sampled once they are
+            # idle, as PyTorch's are at this point: ours go on making the next epoch's first
+            # batches, and a worker making a 32 MiB batch holds that array.
+            workers = _idle_workers(server.endpoint)
+            pids = {w["pid"] for w in workers if w["kind"] != "thread"}
             mem = memory.sample(pids, server_pid=server.pid)
         t_stop = perf_counter()
     stopped = perf_counter() - t_stop  # DataServer.close(): server, workers and segments gone

@@ -269,7 +269,9 @@ def notes(a: argparse.Namespace, raw: list[dict[str, Any]], left: dict[str, Any]
         "time epoch 2's other batches were waited for; epoch-end stall: the boundary wait "
         "minus the mean wait, what the boundary adds (where the workers are the bottleneck the "
         "consumer waits for every batch, boundary or not)",
-        "- worker USS: median over a contender's worker processes at the end of epoch 2 "
+        "- worker USS: median over a contender's worker processes at the end of epoch 2 (the "
+        "dataserver's once its workers are idle, like PyTorch's there; they go on making the "
+        "next epoch's first batches) "
         "(Keras processes: near the end of epoch 1, as Keras' pool exits early; thread workers: "
         "—); consumer RSS: this process at the same moment",
     ]
