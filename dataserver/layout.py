@@ -179,7 +179,14 @@ def plan(batch: Any, index: int, inplace: tuple[int, int] | None = None) -> Plan
 
 def write(p: Plan, region: np.ndarray[Any, Any]) -> None:
     """Copy the planned pieces into ``region`` (a writable uint8 array of at least p.nbytes)."""
+    out = memoryview(region)  # type: ignore[arg-type]
     for off, arr in p.arrays:
+        if arr.flags.c_contiguous:  # a memcpy, without numpy's per-call overhead (~1 us)
+            try:
+                out[off : off + arr.nbytes] = memoryview(arr).cast("B")  # type: ignore[arg-type]
+                continue
+            except (ValueError, TypeError):  # a dtype the buffer protocol lacks (datetime64)
+                pass
         dst = region[off : off + arr.nbytes].view(arr.dtype).reshape(arr.shape)
         np.copyto(dst, arr, casting="no")
     for off, data in p.blobs:
