@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import socket
-import threading
 import time
-import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,12 +12,9 @@ from types import TracebackType
 from typing import Any
 
 import numpy as np
-import zmq
 
-from dataserver import layout, shm
 from dataserver._proc import pid_alive, pid_namespace
 from dataserver.config import default_endpoint
-from dataserver.curve import client_keys, secure_client
 from dataserver.errors import (
     ClosedError,
     ProtocolError,
@@ -28,10 +22,8 @@ from dataserver.errors import (
     ServerUnavailable,
     WorkerDiedError,
 )
-from dataserver.fifo import Inbox, Outbox
 from dataserver.protocol import (
     VERSION,
-    Alive,
     Bye,
     EpochEnd,
     Failed,
@@ -51,38 +43,17 @@ from dataserver.protocol import (
     Want,
     Welcome,
     decode,
-    encode,
 )
+
+from ._batches import FrameBatches, ShmBatches
+from ._channel import POLL_SLICE_MS, Channel
 
 __all__ = ["RemoteSequence"]
 
 #: Blocked this long on the next batch, ask the server to make it even if every slot is held.
 URGENT_AFTER_S = 0.05
-POLL_SLICE_MS = 50
 #: Waiting for a batch with releases held back, send them after this long without news.
 RELEASE_GRACE_MS = 2
-
-
-def _close_socket(sock: zmq.Socket[bytes], ctx: zmq.Context[zmq.Socket[bytes]],
-                  beating: threading.Event) -> None:
-    beating.set()  # stops the heartbeat thread, which closes its own socket
-    sock.close(0)
-    ctx.term()
-
-
-def _heartbeats(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, identity: bytes,
-                interval: float, stop: threading.Event, curve: Any) -> None:
-    """Tell the server this consumer lives, from a thread of its own: a training step may keep
-    the main thread away from the client for minutes."""
-    sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    secure_client(sock, curve)
-    sock.connect(endpoint)
-    try:
-        while not stop.wait(interval):
-            sock.send(encode(Alive(identity)))
-    finally:
-        sock.close(0)
 
 
 class RemoteSequence:
@@ -133,25 +104,7 @@ class RemoteSequence:
         self.copy = copy
         self.timeout = timeout
         self._closed = False
-        self._down: Inbox | None = None  # FIFOs beside the socket (OpenPipes), once granted
-        self._up: Outbox | None = None
-        self._poller: zmq.Poller | None = None
-        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self._sock: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
-        self._identity = b"c" + os.urandom(8)
-        self._sock.setsockopt(zmq.IDENTITY, self._identity)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.SNDHWM, 0)
-        self._sock.setsockopt(zmq.RCVHWM, 0)
-        self._curve = client_keys(curve_keys)
-        secure_client(self._sock, self._curve)
-        self._sock.connect(self.endpoint)
-        self._beating = threading.Event()
-        self._finalizer = weakref.finalize(self, _close_socket, self._sock, self._ctx,
-                                           self._beating)
-        self._releases: deque[tuple[int, int]] = deque()  # (token, bid) from finalizers
-        self._live: dict[int, weakref.finalize[Any, Any]] = {}
-        self._tokens = itertools.count()
+        self._channel = Channel(self.endpoint, curve_keys)
         self._buffer: dict[int, list[Any] | Failed] = {}  # global position -> item
         self._fetched: dict[tuple[int, int], deque[list[Any] | Failed]] = {}
         self._discard: Counter[int] = Counter()
@@ -159,10 +112,12 @@ class RemoteSequence:
         # reads an epoch again without on_epoch_end (an evaluation loop, say)
         self._speculate = True
         try:
-            w = self._handshake(dataset, name)
+            label = name or f"{socket.gethostname()}:{os.getpid()}"
+            w = self._channel.hello(Hello(VERSION, dataset, os.getpid(), pid_namespace(), label),
+                                    self.timeout)
         except BaseException:
             self._closed = True
-            self._finalizer()
+            self._channel.close([])
             raise
         self.dataset = w.dataset
         self.total = w.length  # batches in the whole epoch; len() is this shard's
@@ -172,7 +127,8 @@ class RemoteSequence:
         self._outstanding = 0  # generator items asked for and not yet received
         self._ended = False
         if not self._len and not self.stream:
-            self._finalizer()
+            self._closed = True
+            self._channel.close([])
             raise ValueError(f"shard {rank} of {world} is empty: the dataset has only "
                              f"{w.length} batches")
         self.shuffle = w.shuffle
@@ -185,17 +141,16 @@ class RemoteSequence:
         same_host = bool(w.pidns) and w.pidns == pid_namespace()
         self._server_pid = w.pid if same_host else 0
         if not same_host:  # the server cannot see our pid: tell it we are alive
-            threading.Thread(target=_heartbeats, name="dataserver-heartbeat", daemon=True,
-                             args=(self._ctx, self.endpoint, self._identity, w.heartbeat_s,
-                                   self._beating, self._curve)).start()
-        self._shm_dir = Path(w.shm_dir)
+            self._channel.start_heartbeats(w.heartbeat_s)
         self.transport = self._choose_transport(transport, w)
-        self._ring = None
+        self._batches: ShmBatches | FrameBatches
         if self.transport == "shm" and w.ring:
-            self._ring = shm.attach(self._shm_dir / w.ring, writable=False)
+            self._batches = ShmBatches(Path(w.shm_dir), w.ring, copy)
             if same_host:
                 self._send(OpenPipes())
         else:
+            self._batches = FrameBatches(copy)
+            self._channel.frames = True
             self._send(UseFrames())
         self._release_batch = max(1, (self.slots - self.prefetch) // 2)
         self._epoch = 0
@@ -207,7 +162,8 @@ class RemoteSequence:
 
     def _choose_transport(self, transport: str, w: Welcome) -> str:
         if transport not in ("auto", "shm", "frames"):
-            self._finalizer()
+            self._closed = True
+            self._channel.close([])
             raise ValueError(f"transport must be auto, shm or frames, got {transport!r}")
         if transport != "auto":
             return transport
@@ -217,71 +173,19 @@ class RemoteSequence:
             return "frames"
         return "shm" if f"{st.st_dev}:{st.st_ino}" == w.ring_id else "frames"
 
-    # --- handshake and messages -------------------------------------------------------------
-
-    def _handshake(self, dataset: str, name: str) -> Welcome:
-        label = name or f"{socket.gethostname()}:{os.getpid()}"
-        self._send(Hello(VERSION, dataset, os.getpid(), pid_namespace(), label))
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if self._sock.poll(POLL_SLICE_MS):
-                msg = decode(self._sock.recv())
-                if isinstance(msg, Welcome):
-                    if msg.version != VERSION:
-                        raise ProtocolError(
-                            f"server speaks protocol {msg.version}, this client {VERSION}; "
-                            "install the same dataserver version on both sides"
-                        )
-                    return msg
-                if isinstance(msg, Refused):
-                    raise ProtocolError(f"the server refused this client: {msg.reason}")
-        raise ServerUnavailable(
-            f"no dataserver answered at {self.endpoint} within {self.timeout:g} s; start one "
-            "with `dataserver serve MODULE:SEQUENCE` (or check --endpoint / DATASERVER_ENDPOINT)"
-        )
+    # --- messages ---------------------------------------------------------------------------
 
     def _send(self, msg: Message) -> None:
-        data = encode(msg)
-        if self._up is None or not self._up.send(data):
-            self._sock.send(data)
-
-    def _open_pipes(self, msg: Pipes) -> None:
-        """The server granted FIFOs: read its short messages there too, write ours there."""
-        try:
-            down = Inbox(msg.down, create=False)
-        except OSError:  # another user, another mount namespace: the socket it is
-            return
-        try:
-            self._up = Outbox(msg.up, msg.token)
-        except OSError:
-            down.close()
-            return
-        self._down = down
-        self._poller = zmq.Poller()
-        self._poller.register(self._sock, zmq.POLLIN)
-        self._poller.register(down.fd, zmq.POLLIN)
-
-    def _close_pipes(self) -> None:
-        if self._down is not None:
-            self._down.close()
-        if self._up is not None:
-            self._up.close()
-        self._down = self._up = self._poller = None
+        self._channel.send(msg)
 
     def _flush_releases(self) -> None:
-        if not self._releases:
-            return
-        bids = []
-        while self._releases:
-            token, bid = self._releases.popleft()
-            self._live.pop(token, None)
-            bids.append(bid)
-        self._send(Release(bids))
+        if self._batches.releases:
+            self._send(Release(self._batches.take_releases()))
 
     def _handle(self, data: bytes, frames: list[Any] | None = None) -> None:
         msg = decode(data)
         if isinstance(msg, Pipes):
-            self._open_pipes(msg)
+            self._channel.open_pipes(msg)
             return
         if frames:  # frames transport: each Ready item's bytes follow it
             if not isinstance(msg, Ready) or len(frames) != len(msg.items):
@@ -325,8 +229,8 @@ class RemoteSequence:
             self._buffer[g] = item
 
     def _drop(self, item: list[Any] | Failed) -> None:
-        if not isinstance(item, Failed) and len(item) == 8:  # (frames items hold no lease)
-            self._releases.append((-1, item[3]))
+        if not isinstance(item, Failed):
+            self._batches.drop(item)
 
     def _wait(self, ready: Callable[[], bool], urgent: Want | None = None) -> None:
         """Receive until ``ready()``; ping a quiet server; give up after ``timeout`` of silence.
@@ -334,37 +238,19 @@ class RemoteSequence:
         yet: the ring has that much slack), unless nothing arrives for RELEASE_GRACE_MS or this
         consumer holds more batches than that slack allows (it keeps some alive)."""
         self._check_open()
-        if len(self._live) > self._release_batch:
+        batches, channel = self._batches, self._channel
+        if len(batches.live) > self._release_batch:
             self._flush_releases()
         start = heard = time.monotonic()
         pinged = 0.0
         while not ready():
-            slice_ms = RELEASE_GRACE_MS if self._releases else POLL_SLICE_MS
-            if (self._poller.poll(slice_ms) if self._poller is not None
-                    else self._sock.poll(slice_ms)):
-                frames = self.transport == "frames"
-                got: list[tuple[bytes, list[Any] | None]] = []
-                while True:
-                    try:
-                        if frames:  # batch bytes follow: keep them as zmq frames (no copy)
-                            fparts = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                            got.append((fparts[0].bytes, fparts[1:]))
-                        else:
-                            got.append((self._sock.recv(zmq.NOBLOCK), None))
-                    except zmq.Again:
-                        break
-                if self._down is not None:  # after the socket: what the FIFO got before
-                    piped = self._down.read()
-                    if self._down.ended:  # the server closed our FIFO: the socket only
-                        self._close_pipes()
-                    for _token, data in piped:
-                        self._handle(data)
-                for data, rest in got:
-                    self._handle(data, rest)
+            if channel.poll(RELEASE_GRACE_MS if batches.releases else POLL_SLICE_MS):
+                for data, frames in channel.receive():
+                    self._handle(data, frames)
                 heard = time.monotonic()
                 continue
             now = time.monotonic()
-            if self._releases:  # the grace ran out: send them, then wait the usual slice
+            if batches.releases:  # the grace ran out: send them, then wait the usual slice
                 self._flush_releases()
                 continue
             if urgent is not None and now - start > URGENT_AFTER_S:
@@ -387,25 +273,8 @@ class RemoteSequence:
     def _materialize(self, item: list[Any] | Failed) -> Any:
         if isinstance(item, Failed):
             raise _error(item)
-        _epoch, _pos, _index, bid, segment, offset, nbytes, lay = item[:8]
-        if len(item) > 8:  # frames transport: the bytes came with the message; no lease here
-            return layout.build(lay, np.frombuffer(item[8].buffer, np.uint8), copy=self.copy)
-        if segment:
-            mm = shm.attach(self._shm_dir / segment, writable=False).mm
-        else:
-            assert self._ring is not None
-            mm = self._ring.mm
-        region = np.frombuffer(mm, np.uint8, count=nbytes, offset=offset)
-        batch = layout.build(lay, region, copy=self.copy)
-        if self.copy:
-            self._releases.append((-1, bid))
-        else:
-            token = next(self._tokens)
-            fin = weakref.finalize(region, self._releases.append, (token, bid))
-            fin.atexit = False
-            self._live[token] = fin
-        del region
-        if len(self._releases) >= self._release_batch:
+        batch = self._batches.build(item)
+        if len(self._batches.releases) >= self._release_batch:
             self._flush_releases()
         return batch
 
@@ -595,7 +464,7 @@ class RemoteSequence:
 
     def held(self) -> int:
         """How many batches this process still references (each keeps one slot leased)."""
-        return sum(1 for fin in self._live.values() if fin.alive)
+        return self._batches.held()
 
     def as_keras(self, **kw: Any) -> Any:
         """This sequence as a ``keras.utils.PyDataset`` (Keras 3; a ``keras.utils.Sequence``
@@ -633,22 +502,9 @@ class RemoteSequence:
             for item in queue:
                 self._drop(item)
         self._fetched.clear()
-        held = []
-        for fin in self._live.values():
-            info = fin.detach()
-            if info is not None:
-                held.append(info[2][0][1])
-        self._live.clear()
-        try:
-            released = [bid for _token, bid in self._releases]
-            self._releases.clear()
-            if released:
-                self._send(Release(released))
-            self._send(Bye(held))
-            self._sock.close(linger=1000)
-        finally:
-            self._close_pipes()
-            self._finalizer()
+        held = self._batches.detach()
+        released = self._batches.take_releases()
+        self._channel.close([*([Release(released)] if released else []), Bye(held)])
 
     def __enter__(self) -> RemoteSequence:
         return self

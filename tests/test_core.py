@@ -61,7 +61,7 @@ def _backing(x: np.ndarray) -> Any:
 def test_batches_are_views_into_the_shared_ring(serve: Any, slot_bytes: Any) -> None:
     server = serve(seqs.Indexed(8, rows=256, cols=256), slot_bytes=slot_bytes)
     with RemoteSequence(server.endpoint) as seq:
-        ring = np.frombuffer(seq._ring.mm, np.uint8)  # type: ignore[union-attr]
+        ring = np.frombuffer(seq._batches.ring.mm, np.uint8)  # type: ignore[union-attr]
         lo = ring.__array_interface__["data"][0]
         hi = lo + ring.nbytes
         del ring

@@ -89,7 +89,7 @@ def test_announcements_too_long_for_the_fifo_still_arrive_in_order(serve: Any,
             for i, batch in enumerate(rs):
                 assert len(batch) == keys and all((v == i).all() for v in batch.values())
             rs.on_epoch_end()
-        assert rs._down is not None, "a local shm consumer reads its FIFO"
+        assert rs._channel.down is not None, "a local shm consumer reads its FIFO"
         assert any(name.startswith("down-") for name in _fifos(server))
     # the consumer left: its FIFO is gone while the server runs on
     wait_for(lambda: not any(n.startswith("down-") for n in _fifos(server)),
@@ -107,7 +107,7 @@ def test_frames_consumers_get_no_fifo_and_strangers_are_ignored(serve: Any) -> N
         stranger.close()
     with RemoteSequence(server.endpoint, transport="frames") as rs:
         assert [int(y[0]) for _x, y in rs] == list(range(40))
-        assert rs._down is None
+        assert rs._channel.down is None
     with RemoteSequence(server.endpoint) as rs:
         assert [int(y[0]) for _x, y in rs] == list(range(40))
 

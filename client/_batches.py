@@ -1,0 +1,103 @@
+"""Turning a Ready item into a batch: the client's transport seam.
+
+* :class:`ShmBatches` maps the server's ring (and its one-off segments) read-only and builds
+  each batch as views of its slot. The slot stays leased while any view lives; when the last
+  one dies a finalizer queues the batch's release, which RemoteSequence sends in groups.
+* :class:`FrameBatches` builds each batch over the ZeroMQ frame its bytes came in (a consumer
+  on another host); the server released the slot when it sent them, so there is no lease.
+
+Both take the same Ready items (``[epoch, pos, index, bid, segment, offset, nbytes, layout]``,
+frames add the frame) and have the same surface, so RemoteSequence does not know which it has.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dataserver import layout, shm
+
+__all__ = ["FrameBatches", "ShmBatches"]
+
+
+class ShmBatches:
+    def __init__(self, shm_dir: Path, ring: str, copy: bool) -> None:
+        self.shm_dir = shm_dir
+        self.copy = copy
+        self.ring = shm.attach(shm_dir / ring, writable=False) if ring else None
+        self.releases: deque[tuple[int, int]] = deque()  # (token, bid), queued by finalizers
+        self.live: dict[int, weakref.finalize[Any, Any]] = {}
+        self._tokens = itertools.count()
+
+    def build(self, item: list[Any]) -> Any:
+        _epoch, _pos, _index, bid, segment, offset, nbytes, lay = item[:8]
+        if segment:
+            mm = shm.attach(self.shm_dir / segment, writable=False).mm
+        else:
+            assert self.ring is not None
+            mm = self.ring.mm
+        # a base of its own (not a slice of one array over the ring: numpy would make the
+        # views' base that array, and the finalizer below would fire at once)
+        region = np.frombuffer(mm, np.uint8, count=nbytes, offset=offset)
+        batch = layout.build(lay, region, copy=self.copy)
+        if self.copy:
+            self.releases.append((-1, bid))
+        else:
+            token = next(self._tokens)
+            fin = weakref.finalize(region, self.releases.append, (token, bid))
+            fin.atexit = False
+            self.live[token] = fin
+        return batch
+
+    def drop(self, item: list[Any]) -> None:
+        """An item never turned into a batch: its lease goes back with the next releases."""
+        self.releases.append((-1, item[3]))
+
+    def take_releases(self) -> list[int]:
+        bids = []
+        while self.releases:
+            token, bid = self.releases.popleft()
+            self.live.pop(token, None)
+            bids.append(bid)
+        return bids
+
+    def held(self) -> int:
+        return sum(1 for fin in self.live.values() if fin.alive)
+
+    def detach(self) -> list[int]:
+        """Closing: stop watching the live batches (they keep their slots until this process
+        exits) and return their ids."""
+        held = []
+        for fin in self.live.values():
+            info = fin.detach()
+            if info is not None:
+                held.append(info[2][0][1])
+        self.live.clear()
+        return held
+
+
+class FrameBatches:
+    def __init__(self, copy: bool) -> None:
+        self.copy = copy
+        self.releases: deque[tuple[int, int]] = deque()  # always empty: no leases
+        self.live: dict[int, Any] = {}
+
+    def build(self, item: list[Any]) -> Any:
+        return layout.build(item[7], np.frombuffer(item[8].buffer, np.uint8), copy=self.copy)
+
+    def drop(self, item: list[Any]) -> None:
+        pass
+
+    def take_releases(self) -> list[int]:
+        return []
+
+    def held(self) -> int:
+        return 0
+
+    def detach(self) -> list[int]:
+        return []

@@ -1,0 +1,174 @@
+"""The consumer's line to the server: one ZeroMQ DEALER socket, the FIFOs beside it once the
+server grants them (``OpenPipes`` -> ``Pipes``: a local consumer's short messages both ways,
+see dataserver.fifo), and a heartbeat thread for a consumer whose pid the server cannot watch.
+
+It moves encoded messages and nothing else: what they mean is RemoteSequence's business.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from typing import Any
+
+import zmq
+
+from dataserver.curve import client_keys, secure_client
+from dataserver.errors import ProtocolError, ServerUnavailable
+from dataserver.fifo import Inbox, Outbox
+from dataserver.protocol import (
+    VERSION,
+    Alive,
+    Hello,
+    Message,
+    Pipes,
+    Refused,
+    Welcome,
+    decode,
+    encode,
+)
+
+__all__ = ["Channel"]
+
+#: The longest a wait on the socket blocks before its caller looks at the clock again.
+POLL_SLICE_MS = 50
+
+
+def _close_socket(sock: zmq.Socket[bytes], ctx: zmq.Context[zmq.Socket[bytes]],
+                  beating: threading.Event) -> None:
+    beating.set()  # stops the heartbeat thread, which closes its own socket
+    sock.close(0)
+    ctx.term()
+
+
+def _heartbeats(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, identity: bytes,
+                interval: float, stop: threading.Event, curve: Any) -> None:
+    """Tell the server this consumer lives, from a thread of its own: a training step may keep
+    the main thread away from the client for minutes."""
+    sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    secure_client(sock, curve)
+    sock.connect(endpoint)
+    try:
+        while not stop.wait(interval):
+            sock.send(encode(Alive(identity)))
+    finally:
+        sock.close(0)
+
+
+class Channel:
+    """``send`` a message; ``poll`` for news; ``receive`` what came, FIFO records first (the
+    server writes there before it falls back to the socket, so this keeps its order).
+    ``frames``: batch bytes follow Ready messages on the socket, kept as zmq frames."""
+
+    def __init__(self, endpoint: str, curve_keys: str | None) -> None:
+        self.endpoint = endpoint
+        self.frames = False
+        self.down: Inbox | None = None
+        self.up: Outbox | None = None
+        self._poller: zmq.Poller | None = None
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.sock: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
+        self.identity = b"c" + os.urandom(8)
+        self.sock.setsockopt(zmq.IDENTITY, self.identity)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self._curve = client_keys(curve_keys)
+        secure_client(self.sock, self._curve)
+        self.sock.connect(endpoint)
+        self._beating = threading.Event()
+        self._finalizer = weakref.finalize(self, _close_socket, self.sock, self._ctx,
+                                           self._beating)
+
+    def hello(self, hello: Hello, timeout: float) -> Welcome:
+        """Say Hello; the server's Welcome, or a clear error within ``timeout`` seconds."""
+        self.send(hello)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.sock.poll(POLL_SLICE_MS):
+                msg = decode(self.sock.recv())
+                if isinstance(msg, Welcome):
+                    if msg.version != VERSION:
+                        raise ProtocolError(
+                            f"server speaks protocol {msg.version}, this client {VERSION}; "
+                            "install the same dataserver version on both sides"
+                        )
+                    return msg
+                if isinstance(msg, Refused):
+                    raise ProtocolError(f"the server refused this client: {msg.reason}")
+        raise ServerUnavailable(
+            f"no dataserver answered at {self.endpoint} within {timeout:g} s; start one "
+            "with `dataserver serve MODULE:SEQUENCE` (or check --endpoint / DATASERVER_ENDPOINT)"
+        )
+
+    def start_heartbeats(self, interval: float) -> None:
+        threading.Thread(target=_heartbeats, name="dataserver-heartbeat", daemon=True,
+                         args=(self._ctx, self.endpoint, self.identity, interval,
+                               self._beating, self._curve)).start()
+
+    def send(self, msg: Message) -> None:
+        data = encode(msg)
+        if self.up is None or not self.up.send(data):
+            self.sock.send(data)
+
+    def open_pipes(self, msg: Pipes) -> None:
+        """The server granted FIFOs: read its short messages there too, write ours there."""
+        try:
+            down = Inbox(msg.down, create=False)
+        except OSError:  # another user, another mount namespace: the socket it is
+            return
+        try:
+            self.up = Outbox(msg.up, msg.token)
+        except OSError:
+            down.close()
+            return
+        self.down = down
+        self._poller = zmq.Poller()
+        self._poller.register(self.sock, zmq.POLLIN)
+        self._poller.register(down.fd, zmq.POLLIN)
+
+    def close_pipes(self) -> None:
+        if self.down is not None:
+            self.down.close()
+        if self.up is not None:
+            self.up.close()
+        self.down = self.up = self._poller = None
+
+    def poll(self, timeout_ms: int) -> bool:
+        return bool(self._poller.poll(timeout_ms) if self._poller is not None
+                    else self.sock.poll(timeout_ms))
+
+    def receive(self) -> list[tuple[bytes, list[Any] | None]]:
+        """Everything waiting: (message, its batch frames or None), FIFO records first."""
+        got: list[tuple[bytes, list[Any] | None]] = []
+        while True:
+            try:
+                if self.frames:  # batch bytes follow: keep them as zmq frames (no copy)
+                    parts = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    got.append((parts[0].bytes, parts[1:]))
+                else:
+                    got.append((self.sock.recv(zmq.NOBLOCK), None))
+            except zmq.Again:
+                break
+        if self.down is None:
+            return got
+        # read after the socket: whatever the FIFO holds was written before those
+        piped: list[tuple[bytes, list[Any] | None]] = [(data, None)
+                                                      for _token, data in self.down.read()]
+        if self.down.ended:  # the server closed our FIFO: the socket only
+            self.close_pipes()
+        return piped + got
+
+    def close(self, last: list[Message]) -> None:
+        """Send ``last`` (the goodbyes), then close everything. Safe to call twice."""
+        try:
+            if self._finalizer.alive:
+                for msg in last:
+                    self.send(msg)
+                self.sock.close(linger=1000)
+        finally:
+            self.close_pipes()
+            self._finalizer()
