@@ -167,14 +167,78 @@ class _Planner:
         return [_ARRAY, _descr(arr.dtype), list(arr.shape), off]
 
 
+#: Plans of batches made only of arrays, by their structure: (layout, nbytes, offsets).
+_plans: dict[Any, tuple[bytes, int, list[int]]] = {}
+#: Distinct structures kept; batches of one Sequence usually share a handful.
+PLAN_CACHE_SIZE = 256
+
+
+def _shape_of(obj: Any, leaves: list[np.ndarray[Any, Any]]) -> Any:
+    """The structure of a batch made only of plain arrays nested in tuples, lists and dicts
+    with str keys (its arrays appended to ``leaves`` in the planner's order), or None for any
+    other batch: its layout is then a function of this key alone."""
+    t = type(obj)
+    if t is np.ndarray:
+        if obj.dtype.hasobject:
+            return None
+        leaves.append(obj)
+        return (obj.dtype, obj.shape)
+    if t is tuple or t is list:
+        parts = []
+        for v in obj:
+            part = _shape_of(v, leaves)
+            if part is None:
+                return None
+            parts.append(part)
+        return (t, tuple(parts))
+    if t is dict:
+        items = []
+        for k, v in obj.items():
+            if type(k) is not str:
+                return None
+            part = _shape_of(v, leaves)
+            if part is None:
+                return None
+            items.append((k, part))
+        return (t, tuple(items))
+    return None
+
+
 def plan(batch: Any, index: int, inplace: tuple[int, int] | None = None) -> Plan:
     """Place every piece of ``batch`` (the batch at ``index``, named in errors). ``inplace`` is
     (address, bytes used) of a slot whose first bytes ``dataserver.empty`` filled: arrays lying
-    there keep their place and are not copied."""
+    there keep their place and are not copied. A batch of plain arrays whose structure (types,
+    keys, dtypes, shapes) was planned before reuses that plan."""
+    key = None
+    leaves: list[np.ndarray[Any, Any]] = []
+    if inplace is None:
+        key = _shape_of(batch, leaves)
+        cached = _plans.get(key) if key is not None else None
+        if cached is not None:
+            layout, nbytes, offsets = cached
+            pieces = zip(offsets, leaves, strict=True)
+            return Plan(layout, nbytes, [(off, arr) for off, arr in pieces if arr.nbytes])
     planner = _Planner(index, inplace)
     tree = planner.node(batch, ())
     layout = msgpack.packb(tree, use_bin_type=True)
-    return Plan(layout, max(planner.offset, 0), planner.arrays, planner.blobs, planner.in_place)
+    out = Plan(layout, max(planner.offset, 0), planner.arrays, planner.blobs, planner.in_place)
+    if key is not None:
+        if len(_plans) >= PLAN_CACHE_SIZE:
+            _plans.clear()
+        _plans[key] = (layout, out.nbytes, _offsets(tree))
+    return out
+
+
+def _offsets(node: list[Any]) -> list[int]:
+    """The arrays' offsets in a layout tree, in the planner's order."""
+    tag = node[0]
+    if tag == _ARRAY:
+        return [node[3]]
+    if tag in (_TUPLE, _LIST):
+        return [off for child in node[1] for off in _offsets(child)]
+    if tag == _DICT:
+        return [off for _k, child in node[1] for off in _offsets(child)]
+    return []
 
 
 def write(p: Plan, region: np.ndarray[Any, Any]) -> None:

@@ -63,6 +63,54 @@ def raw_client(endpoint: str) -> tuple[zmq.Context[Any], zmq.Socket[bytes]]:
     return ctx, sock
 
 
+_DTYPES = ["f4", "<f8", ">i2", "u1", "?", "c8", "M8[D]", "U3", "S2", "e"]
+_arrays = st.builds(lambda dt, shape, seed: np.random.default_rng(seed).integers(
+    0, 100, size=shape).astype(dt), st.sampled_from(_DTYPES),
+    st.lists(st.integers(0, 4), max_size=3).map(tuple), st.integers(0, 2**16))
+_batches = st.recursive(_arrays, lambda kids: st.one_of(
+    st.lists(kids, max_size=3), st.lists(kids, max_size=3).map(tuple),
+    st.dictionaries(st.text("abc", min_size=1, max_size=2), kids, max_size=3)), max_leaves=6)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_batches)
+def test_a_cached_plan_is_the_plan(batch: Any) -> None:
+    """Batches of plain arrays reuse the plan of the same structure: it must place them where a
+    fresh plan would, and rebuild to the same values."""
+    layout._plans.clear()
+    fresh = layout.plan(batch, 0)
+    cached = layout.plan(batch, 0)
+    assert layout._plans, "a batch of plain arrays is cached"
+    assert (cached.layout, cached.nbytes) == (fresh.layout, fresh.nbytes)
+    assert [(off, id(a)) for off, a in cached.arrays] == [(off, id(a)) for off, a in fresh.arrays]
+    region = np.zeros(max(cached.nbytes, 1), np.uint8)
+    layout.write(cached, region)
+    _assert_equal(layout.build(cached.layout, region), batch)
+
+
+def _assert_equal(got: Any, want: Any) -> None:
+    assert type(got) is type(want)
+    if isinstance(want, np.ndarray):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert got.tobytes() == want.tobytes()
+    elif isinstance(want, dict):
+        assert list(got) == list(want)
+        for k in want:
+            _assert_equal(got[k], want[k])
+    else:
+        assert len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            _assert_equal(g, w)
+
+
+def test_batches_with_values_are_planned_afresh_every_time() -> None:
+    x = np.zeros(3, np.float32)
+    layout._plans.clear()
+    for batch in [(x, 3), (x, "label"), {1: x}, (x, None), (x, np.float32(2))]:
+        assert layout.plan(batch, 0).layout == layout.plan(batch, 0).layout
+    assert not layout._plans, "values may change from batch to batch: never cached"
+
+
 def test_version_mismatch_is_refused_clearly(serve: Any) -> None:
     server = serve(seqs.Indexed(4), workers=1)
     ctx, sock = raw_client(server.endpoint)
