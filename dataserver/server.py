@@ -178,7 +178,7 @@ class Server(WorkerSide, ConsumerSide):
             else list(self.sources.values()),
             server_id=self.server_id, shm_dir=str(self.shm_dir),
             on_epoch_end=not thread, log_level=logging.getLevelName(log.getEffectiveLevel()),
-            secret=self._secret, answers=self.answers.path,
+            secret=self._secret, answers=self.answers.path, server_pid=os.getpid(),
         )
         self.pool = self._ray_pool(template) if cfg.backend == "ray" else Pool(
             template, cfg.start_method)

@@ -32,7 +32,7 @@ import numpy as np
 import zmq
 
 from dataserver import layout, shm
-from dataserver._proc import pid_namespace
+from dataserver._proc import pid_alive, pid_namespace
 from dataserver.alloc import empty, full, slot_allocation, zeros
 from dataserver.fifo import Inbox, Outbox
 from dataserver.protocol import (
@@ -75,6 +75,7 @@ class WorkerSpec:
     secret: str = ""  # proves to the server that this worker is one it started
     answers: str = ""  # the server's answer FIFO (dataserver.fifo); "": answer by socket
     tasks: str = ""  # this worker's task FIFO, made by the pool; "": tasks by socket only
+    server_pid: int = 0  # the server, watched while idle (a fork server may be our parent)
     # Ray actors only:
     tcp_address: str = ""  # the worker endpoint for actors on other hosts
     transport: str = "auto"  # auto: shared memory when on the server's host; shm; frames
@@ -108,6 +109,24 @@ def _die_with_parent() -> None:
         with contextlib.suppress(OSError, AttributeError):
             libc = ctypes.CDLL("libc.so.6", use_errno=True)
             libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    _let_the_fork_server_go()
+
+
+def _let_the_fork_server_go() -> None:
+    """A process forked by a fork server inherits the write end of the pipe whose end of file
+    tells the fork server that its client (the server) is gone (CPython hands it down so that
+    children can ask the fork server for processes of their own). Held by the workers, it
+    would keep the fork server alive after the server died, and the fork server, their parent,
+    would keep them alive: close it, so the fork server exits with the server and
+    PR_SET_PDEATHSIG takes the workers with it."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if server is not None and fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        server._forkserver_alive_fd = None
 
 
 def _error_fields(exc: BaseException) -> tuple[str, str, str]:
@@ -226,7 +245,9 @@ class _Worker:
                 self.report_memory()
             events = dict(poller.poll(0 if queue else poll_ms))
             if not events and not queue:
-                if self.spec.kind == "process" and os.getppid() != self.parent:
+                if self.spec.kind == "process" and (
+                        os.getppid() != self.parent
+                        or (self.spec.server_pid and not pid_alive(self.spec.server_pid))):
                     return  # the server (or the fork server that started us) is gone
                 continue
             # the FIFO first: the server sends by socket only what it could not send there,

@@ -1,5 +1,6 @@
 """Fixtures: every test runs with its own runtime and shared-memory directories, and must leave
-no process, segment or socket file behind (checked after each test)."""
+no process, segment or socket file behind (checked after each test), not even a process that
+outlived its parent."""
 
 from __future__ import annotations
 
@@ -28,6 +29,28 @@ def _is_resource_tracker(p: psutil.Process) -> bool:
     return False
 
 
+def _ours(shmdir: Path, before: set[int]) -> list[psutil.Process]:
+    """Live processes this test started: our descendants, and any process anywhere whose
+    environment carries this test's DATASERVER_SHM_DIR (every process a test starts inherits
+    it), which catches those that outlived their parent and were reparented away from us."""
+    me = psutil.Process()
+    found = {p.pid: p for p in me.children(recursive=True) if p.pid not in before}
+    tag = str(shmdir)
+    for p in psutil.process_iter():
+        if p.pid in found or p.pid == me.pid or p.pid in before:
+            continue
+        with contextlib.suppress(psutil.Error):
+            if p.environ().get("DATASERVER_SHM_DIR") == tag:
+                found[p.pid] = p
+    out = []
+    for p in found.values():
+        with contextlib.suppress(psutil.Error):
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE \
+                    and not _is_resource_tracker(p):
+                out.append(p)
+    return out
+
+
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Path]]:
     """Private DATASERVER_RUNTIME_DIR and DATASERVER_SHM_DIR (a tmpfs folder) per test; after
@@ -44,9 +67,7 @@ def isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Path]]:
         yield {"runtime": runtime, "shm": shmdir}
         deadline = time.monotonic() + LEFTOVER_GRACE_S
         while True:
-            procs = [p for p in me.children(recursive=True) if p.pid not in before]
-            procs = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-                     and not _is_resource_tracker(p)]
+            procs = _ours(shmdir, before)
             segments = sorted(os.listdir(shmdir))
             sockets = sorted(str(p.relative_to(runtime)) for p in runtime.rglob("*"))
             if not (procs or segments or sockets) or time.monotonic() > deadline:
@@ -56,10 +77,9 @@ def isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Path]]:
         assert not segments, f"test left shared-memory segments: {segments}"
         assert not sockets, f"test left files in the runtime directory: {sockets}"
     finally:
-        for p in psutil.Process().children(recursive=True):
-            if p.pid not in before and not _is_resource_tracker(p):
-                with contextlib.suppress(psutil.Error):
-                    p.kill()
+        for p in _ours(shmdir, before):
+            with contextlib.suppress(psutil.Error):
+                p.kill()
         shutil.rmtree(runtime, ignore_errors=True)
         shutil.rmtree(shmdir, ignore_errors=True)
 

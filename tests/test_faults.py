@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 import seqs
 from dataserver import shm
 from dataserver.client import RemoteSequence, ServerUnavailable
-from helpers import worker_pids
+from helpers import wait_for, worker_pids
 
 pytestmark = pytest.mark.timeout(120)
 HERE = Path(__file__).parent
@@ -61,12 +62,15 @@ def test_server_sigkill_is_seen_within_timeout_and_swept_by_the_next_start(
     with RemoteSequence(server.endpoint, timeout=5) as seq:
         it = iter(seq)
         next(it)
+        workers = [psutil.Process(pid) for pid in worker_pids(server.endpoint)]
         os.kill(server.pid, signal.SIGKILL)
         t0 = time.monotonic()
         with pytest.raises(ServerUnavailable, match="exited"):
             for _ in it:
                 pass
         assert time.monotonic() - t0 < 5
+    # its workers (and the fork server they came from) die with it
+    wait_for(lambda: not any(_running(p) for p in workers), "the workers to die with the server")
     server.close()
     assert any(n.endswith("-ring") for n in os.listdir(isolated["shm"])), "nothing to sweep?"
     assert Path(server.endpoint[len("ipc://"):]).exists()
@@ -76,6 +80,13 @@ def test_server_sigkill_is_seen_within_timeout_and_swept_by_the_next_start(
     assert not [n for n in names if server_id_of(n) != server_id_of(names[0])], names
     with RemoteSequence(again.endpoint) as seq:
         assert [int(y[0]) for _x, y in seq] == list(range(5))
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def server_id_of(name: str) -> str:
