@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import secrets
 import shutil
@@ -101,6 +102,9 @@ class Server(WorkerSide, ConsumerSide):
         self.mem_history: dict[int, deque[tuple[int, int]]] = {}  # wid -> (done, memory)
         self.growing: set[int] = set()
         self._wake_r = self._wake_w = -1
+        # DataServer's server process: readable (end of file) once the process that started
+        # it is gone, however it died; the server then stops as on SIGTERM
+        self.owner_fd = -1
         self._on_signal: Callable[[int, Any], None] | None = None
         self._secret = secrets.token_hex(16)  # workers prove with it that we started them
         self._authed: set[int] = set()  # incarnations that did
@@ -164,6 +168,8 @@ class Server(WorkerSide, ConsumerSide):
         self.poller.register(self.clients, zmq.POLLIN)
         if self._wake_r >= 0:
             self.poller.register(self._wake_r, zmq.POLLIN)
+        if self.owner_fd >= 0:
+            self.poller.register(self.owner_fd, zmq.POLLIN)
         if cfg.metrics:
             from dataserver.metrics import MetricsExporter
 
@@ -340,6 +346,11 @@ class Server(WorkerSide, ConsumerSide):
         if self._wake_r in events:
             with contextlib.suppress(BlockingIOError):
                 os.read(self._wake_r, 512)
+        if self.owner_fd >= 0 and self.owner_fd in events:
+            self.poller.unregister(self.owner_fd)  # it stays readable
+            self.owner_fd = -1
+            log.warning("the process that started this server exited; shutting down")
+            self.stopping = True
         now = time.monotonic()
         if now - self._last_housekeeping >= HOUSEKEEPING_INTERVAL_S:
             self._last_housekeeping = now
@@ -529,6 +540,9 @@ def run_in_child(config: ServerConfig, source: SequenceSource | dict[str, Sequen
 
     setup_logging(level, config.log_format)
     server = Server(config, source)
+    owner = multiprocessing.parent_process()
+    if owner is not None and owner.sentinel is not None:  # stop with the DataServer's process
+        server.owner_fd = owner.sentinel
 
     def ready(endpoint: str) -> None:
         conn.send_bytes(msgpack.packb({"ready": endpoint, "pid": os.getpid()}))

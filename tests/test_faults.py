@@ -82,6 +82,42 @@ def test_server_sigkill_is_seen_within_timeout_and_swept_by_the_next_start(
         assert [int(y[0]) for _x, y in seq] == list(range(5))
 
 
+OWNER = """
+import sys, time
+import seqs
+from dataserver import DataServer
+server = DataServer(seqs.Indexed(50), workers=2, endpoint=sys.argv[1]).start()
+print(server.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_dataserver_stops_when_the_process_that_started_it_is_killed(
+        isolated: dict[str, Path]) -> None:
+    """DataServer's server process watches the process that started it: SIGKILL that one (no
+    atexit, no close) and the server still stops, removing its ring, socket and workers."""
+    endpoint = f"ipc://{isolated['runtime']}/owned.sock"
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, endpoint], stdout=subprocess.PIPE,
+                             text=True, env={**os.environ, "PYTHONPATH": str(HERE)})
+    try:
+        assert owner.stdout is not None
+        server = psutil.Process(int(owner.stdout.readline()))
+        pids = wait_for(lambda: len(found := worker_pids(endpoint)) == 2 and found,
+                        "two workers")
+        workers = [psutil.Process(pid) for pid in pids]
+        owner.kill()
+        owner.wait(10)
+        wait_for(lambda: not any(_running(p) for p in [server, *workers]),
+                 "the server and its workers to stop")
+        assert not os.listdir(isolated["shm"]), "the server removed its segments"
+        assert not Path(endpoint[len("ipc://"):]).exists(), "and its socket"
+    finally:
+        owner.kill()
+        owner.wait(10)
+        if owner.stdout is not None:
+            owner.stdout.close()
+
+
 def _running(p: psutil.Process) -> bool:
     try:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
