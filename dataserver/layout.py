@@ -39,6 +39,9 @@ ALIGN = 64
 INLINE_BYTES_MAX = 1024
 _INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
 
+#: Arrays up to this size are copied by a memoryview assignment, which holds the GIL.
+SMALL_COPY_BYTES = 256 << 10
+
 _ARRAY, _TUPLE, _LIST, _DICT, _VALUE, _BYTES, _SCALAR = range(7)
 
 
@@ -245,7 +248,9 @@ def write(p: Plan, region: np.ndarray[Any, Any]) -> None:
     """Copy the planned pieces into ``region`` (a writable uint8 array of at least p.nbytes)."""
     out = memoryview(region)  # type: ignore[arg-type]
     for off, arr in p.arrays:
-        if arr.flags.c_contiguous:  # a memcpy, without numpy's per-call overhead (~1 us)
+        # small arrays: a memcpy without numpy's per-call overhead (~1 us); big ones through
+        # numpy, which lets go of the GIL while it copies (thread workers share one)
+        if arr.nbytes <= SMALL_COPY_BYTES and arr.flags.c_contiguous:
             try:
                 out[off : off + arr.nbytes] = memoryview(arr).cast("B")  # type: ignore[arg-type]
                 continue
