@@ -219,8 +219,8 @@ def plan(batch: Any, index: int, inplace: tuple[int, int] | None = None) -> Plan
         cached = _plans.get(key) if key is not None else None
         if cached is not None:
             layout, nbytes, offsets = cached
-            pieces = zip(offsets, leaves, strict=True)
-            return Plan(layout, nbytes, [(off, arr) for off, arr in pieces if arr.nbytes])
+            placed = [arr for arr in leaves if arr.nbytes]  # as the planner places them
+            return Plan(layout, nbytes, list(zip(offsets, placed, strict=True)))
     planner = _Planner(index, inplace)
     tree = planner.node(batch, ())
     layout = msgpack.packb(tree, use_bin_type=True)
@@ -228,20 +228,8 @@ def plan(batch: Any, index: int, inplace: tuple[int, int] | None = None) -> Plan
     if key is not None:
         if len(_plans) >= PLAN_CACHE_SIZE:
             _plans.clear()
-        _plans[key] = (layout, out.nbytes, _offsets(tree))
+        _plans[key] = (layout, out.nbytes, [off for off, _arr in planner.arrays])
     return out
-
-
-def _offsets(node: list[Any]) -> list[int]:
-    """The arrays' offsets in a layout tree, in the planner's order."""
-    tag = node[0]
-    if tag == _ARRAY:
-        return [node[3]]
-    if tag in (_TUPLE, _LIST):
-        return [off for child in node[1] for off in _offsets(child)]
-    if tag == _DICT:
-        return [off for _k, child in node[1] for off in _offsets(child)]
-    return []
 
 
 def write(p: Plan, region: np.ndarray[Any, Any]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import multiprocessing
 import os
@@ -13,9 +12,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
-from dataserver import _preload
+from dataserver import _preload, shm
 from dataserver.worker import WorkerSpec, worker_main
 
 __all__ = ["Pool", "WorkerHandle", "describe_exit"]
@@ -23,12 +23,6 @@ __all__ = ["Pool", "WorkerHandle", "describe_exit"]
 log = logging.getLogger("dataserver")
 JOIN_TIMEOUT_S = 3.0
 TERMINATE_TIMEOUT_S = 2.0
-
-
-def _unlink(path: str) -> None:
-    if path:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
 
 
 def describe_exit(code: int | None) -> str:
@@ -108,8 +102,8 @@ class Pool:
 
     def forget(self, incarnation: int) -> WorkerHandle | None:
         h = self.handles.pop(incarnation, None)
-        if h is not None:
-            _unlink(h.spec.tasks)
+        if h is not None and h.spec.tasks:
+            shm.unlink(Path(h.spec.tasks))
         if h is not None and h.process is not None:
             h.process.join(0.1)
             if not h.process.is_alive():
@@ -153,7 +147,8 @@ class Pool:
                 log.warning("worker thread %d is stuck in the Sequence; abandoning it",
                             h.spec.worker)
         for h in self.handles.values():
-            _unlink(h.spec.tasks)
+            if h.spec.tasks:
+                shm.unlink(Path(h.spec.tasks))
             if h.process is not None and not h.process.is_alive():
                 h.process.close()
         self.handles.clear()

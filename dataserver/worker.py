@@ -252,25 +252,23 @@ class _Worker:
                 continue
             # the FIFO first: the server sends by socket only what it could not send there,
             # and never by the FIFO again after that (dataserver.supervise), so this keeps order
+            received: list[bytes] = []
             if self.tasks is not None and self.tasks.fd in events:
-                for _token, data in self.tasks.read():
-                    msg = decode(data)
-                    if isinstance(msg, Tasks):
-                        queue.extend(msg.items)
-                    elif isinstance(msg, UseRing):
-                        self.use_ring(msg)
+                received += [data for _token, data in self.tasks.read()]
             if self.sock in events:
                 while True:
                     try:
-                        msg = decode(self.sock.recv(zmq.NOBLOCK))
+                        received.append(self.sock.recv(zmq.NOBLOCK))
                     except zmq.Again:
                         break
-                    if isinstance(msg, Tasks):
-                        queue.extend(msg.items)
-                    elif isinstance(msg, UseRing):
-                        self.use_ring(msg)
-                    elif isinstance(msg, Stop):
-                        return
+            for data in received:
+                msg = decode(data)
+                if isinstance(msg, Tasks):
+                    queue.extend(msg.items)
+                elif isinstance(msg, UseRing):
+                    self.use_ring(msg)
+                elif isinstance(msg, Stop):
+                    return
             if queue:
                 answer = self.run_task(*queue.popleft())
                 if type(answer) is list:

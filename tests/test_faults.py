@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 
 import seqs
 from dataserver import shm
+from dataserver._proc import pid_alive
 from dataserver.client import RemoteSequence, ServerUnavailable
 from helpers import wait_for, worker_pids
 
@@ -62,7 +62,7 @@ def test_server_sigkill_is_seen_within_timeout_and_swept_by_the_next_start(
     with RemoteSequence(server.endpoint, timeout=5) as seq:
         it = iter(seq)
         next(it)
-        workers = [psutil.Process(pid) for pid in worker_pids(server.endpoint)]
+        workers = worker_pids(server.endpoint)
         os.kill(server.pid, signal.SIGKILL)
         t0 = time.monotonic()
         with pytest.raises(ServerUnavailable, match="exited"):
@@ -70,7 +70,7 @@ def test_server_sigkill_is_seen_within_timeout_and_swept_by_the_next_start(
                 pass
         assert time.monotonic() - t0 < 5
     # its workers (and the fork server they came from) die with it
-    wait_for(lambda: not any(_running(p) for p in workers), "the workers to die with the server")
+    wait_for(lambda: not any(pid_alive(p) for p in workers), "the workers to die with the server")
     server.close()
     assert any(n.endswith("-ring") for n in os.listdir(isolated["shm"])), "nothing to sweep?"
     assert Path(server.endpoint[len("ipc://"):]).exists()
@@ -101,13 +101,13 @@ def test_a_dataserver_stops_when_the_process_that_started_it_is_killed(
                              text=True, env={**os.environ, "PYTHONPATH": str(HERE)})
     try:
         assert owner.stdout is not None
-        server = psutil.Process(int(owner.stdout.readline()))
+        server = int(owner.stdout.readline())
         pids = wait_for(lambda: len(found := worker_pids(endpoint)) == 2 and found,
                         "two workers")
-        workers = [psutil.Process(pid) for pid in pids]
+        workers = list(pids)
         owner.kill()
         owner.wait(10)
-        wait_for(lambda: not any(_running(p) for p in [server, *workers]),
+        wait_for(lambda: not any(pid_alive(p) for p in [server, *workers]),
                  "the server and its workers to stop")
         assert not os.listdir(isolated["shm"]), "the server removed its segments"
         assert not Path(endpoint[len("ipc://"):]).exists(), "and its socket"
@@ -116,13 +116,6 @@ def test_a_dataserver_stops_when_the_process_that_started_it_is_killed(
         owner.wait(10)
         if owner.stdout is not None:
             owner.stdout.close()
-
-
-def _running(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def server_id_of(name: str) -> str:
