@@ -57,6 +57,9 @@ __all__ = ["DATASET", "ConsumerSide"]
 log = logging.getLogger("dataserver")
 DATASET = "default"
 HEARTBEAT_S = 1.0
+#: A frames consumer's batches travel in messages of about this many bytes: small batches
+#: share one, a batch this big or bigger goes alone.
+FRAMES_MESSAGE_BYTES = 1 << 20
 
 
 class ConsumerSide:
@@ -133,6 +136,19 @@ class ConsumerSide:
                 self._on_client_data(cid, data)
 
     def _send_frames(self, cid: bytes, ready: list[list[Any]]) -> None:
+        """Batches in messages of about FRAMES_MESSAGE_BYTES: small ones together, big ones
+        alone (ZeroMQ hands over a message whole: two 32 MiB batches in one would keep the
+        consumer waiting for the second before it could read the first)."""
+        start = total = 0
+        for i, item in enumerate(ready):
+            total += item[6]
+            if total >= FRAMES_MESSAGE_BYTES:
+                self._send_frames_message(cid, ready[start : i + 1])
+                start, total = i + 1, 0
+        if start < len(ready):
+            self._send_frames_message(cid, ready[start:])
+
+    def _send_frames_message(self, cid: bytes, ready: list[list[Any]]) -> None:
         """Ready, then each batch's bytes as a frame sent from shared memory without a copy
         (pyzmq copy=False); the leases end when the tracker says the frames have left."""
         assert self.clients is not None and self.ring is not None

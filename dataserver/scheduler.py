@@ -119,6 +119,8 @@ class Scheduler:
     def _wait(self, c: ConsumerState, e: Entry, pos: int) -> None:
         e.waiters.append((c.cid, pos))
         c.waiting += 1
+        if c.frames and pos >= 0:
+            c.order.owe(e.epoch, pos)
         if e.state == READY:
             self._deliver(e)
 
@@ -209,8 +211,14 @@ class Scheduler:
         for e in list(self.entries.values()):
             if e.state != READY and e.waiters and which(e):
                 before = len(e.waiters)
+                if c.frames:
+                    for _cid, pos in e.waiters:
+                        if _cid == c.cid and pos >= 0:
+                            c.order.settle(e.epoch, pos)
                 e.waiters = [w for w in e.waiters if w[0] != c.cid]
                 c.waiting -= before - len(e.waiters)
+        if c.frames:
+            self._send_in_order(c)
 
     # --- workers ----------------------------------------------------------------------------
 
@@ -487,14 +495,24 @@ class Scheduler:
             c.delivered += 1
             c.bytes += e.nbytes
             e.leases += 1
-            self.out_ready.setdefault(cid, []).append(
-                [e.epoch, pos, e.index, e.bid, e.segment, offset, e.nbytes, e.layout]
-            )
+            item = [e.epoch, pos, e.index, e.bid, e.segment, offset, e.nbytes, e.layout]
+            if c.frames and pos >= 0:
+                c.order.settle(e.epoch, pos)
+                c.order.hold(e.epoch, pos, item)
+                self._send_in_order(c)
+            else:
+                self.out_ready.setdefault(cid, []).append(item)
         e.waiters.clear()
         if e.leases:
             e.keep = False
             if self.cached.pop(e.bid, None) is not None:
                 self.stats["cache_hits"] += 1
+
+    def _send_in_order(self, c: ConsumerState) -> None:
+        """A frames consumer's held announcements that may leave now (see SendOrder)."""
+        ready = c.order.sendable()
+        if ready:
+            self.out_ready.setdefault(c.cid, []).extend(ready)
 
     def _fail(self, e: Entry, kind: str, type_name: str, message: str, tb: str,
               w: WorkerState) -> None:
@@ -507,6 +525,9 @@ class Scheduler:
             c.waiting -= 1
             self.out_failed.append((cid, Failed(e.epoch, pos, e.index, kind, type_name, message,
                                                 tb, w.index, w.pid)))
+            if c.frames and pos >= 0:
+                c.order.settle(e.epoch, pos)
+                self._send_in_order(c)
         e.waiters.clear()
         e.slot = -1
         self._forget(e)

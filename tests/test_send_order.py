@@ -1,0 +1,78 @@
+"""A frames consumer's announcements leave in its position order (scheduler bookkeeping only)."""
+
+from __future__ import annotations
+
+from dataserver.scheduler import ConsumerState, Dataset, Scheduler, WorkerState
+
+
+def _scheduler(frames: bool) -> tuple[Scheduler, ConsumerState]:
+    s = Scheduler([Dataset("train", 8)], max_retries=1, depth=4, barrier=[False])
+    s.set_ring(8, 4096)
+    c = ConsumerState(b"c", pid=1, same_host=False, name="c", ds=0, frames=frames)
+    s.add_consumer(c)
+    for wid in (1, 2):
+        s.add_worker(WorkerState(wid, wid - 1, ready=True))
+    return s, c
+
+
+def _tasks(s: Scheduler) -> dict[int, tuple[int, int]]:
+    """bid per position, from the tasks dispatched (index == position: no shuffle)."""
+    s.dispatch()
+    by_index = {t[3]: (wid, t[0]) for wid, ts in s.out_tasks.items() for t in ts}
+    s.out_tasks.clear()
+    return by_index
+
+
+def _sent(s: Scheduler) -> list[int]:
+    return [item[1] for item in s.out_ready.pop(b"c", [])]
+
+
+def test_a_frames_consumer_gets_announcements_in_position_order() -> None:
+    s, _c = _scheduler(frames=True)
+    assert s.want(b"c", 0, 0, 4, 1, False) is None
+    tasks = _tasks(s)
+    wid, bid = tasks[1]
+    s.done(wid, bid, "", 4096, b"")
+    assert _sent(s) == []  # position 0 is still being made: 1 waits for it
+    wid, bid = tasks[3]
+    s.done(wid, bid, "", 4096, b"")
+    assert _sent(s) == []
+    wid, bid = tasks[0]
+    s.done(wid, bid, "", 4096, b"")
+    assert _sent(s) == [0, 1]
+    wid, bid = tasks[2]
+    s.done(wid, bid, "", 4096, b"")
+    assert _sent(s) == [2, 3]
+
+
+def test_a_failed_or_dropped_position_lets_the_later_ones_go() -> None:
+    s, c = _scheduler(frames=True)
+    assert s.want(b"c", 0, 0, 3, 1, False) is None
+    tasks = _tasks(s)
+    wid, bid = tasks[1]
+    s.done(wid, bid, "", 4096, b"")
+    wid0, bid0 = tasks[0]
+    s.raised(wid0, bid0, "ValueError", "bad", "")
+    assert _sent(s) == [1]
+    assert [f.pos for _cid, f in s.out_failed] == [0]
+    # position 2 is still owed; the consumer ends the epoch, so it is owed no longer
+    assert s.want(b"c", 1, 0, 2, 1, False) is None
+    tasks = _tasks(s)
+    wid, bid = tasks[1]
+    s.done(wid, bid, "", 4096, b"")
+    assert _sent(s) == []  # epoch 0's position 2 comes first
+    s.epoch_end(b"c", 0)
+    assert _sent(s) == []  # epoch 1's position 0 is still owed
+    wid, bid = tasks[0]
+    s.done(wid, bid, "", 4096, b"")
+    assert _sent(s) == [0, 1]
+    assert len(c.order) == 0
+
+
+def test_shared_memory_consumers_get_announcements_as_batches_are_made() -> None:
+    s, _c = _scheduler(frames=False)
+    assert s.want(b"c", 0, 0, 2, 1, False) is None
+    tasks = _tasks(s)
+    wid, bid = tasks[1]
+    s.done(wid, bid, "", 4096, b"")
+    assert _sent(s) == [1]  # the client reorders what it maps; nothing waits on a socket
