@@ -12,7 +12,8 @@ is produced into a one-off segment, so a consumer holding many batches never dea
 
 The server calls the event methods (``want``, ``release``, ``done``, ``worker_gone`` ...), then
 ``dispatch()``, then sends what collected in ``out_ready``, ``out_failed`` and ``out_tasks`` and
-unlinks ``to_unlink``.
+unlinks ``to_unlink``. Slots and the cache are in :mod:`dataserver.cache`, generator datasets in
+:mod:`dataserver.streams` (mixins of :class:`Scheduler`).
 """
 
 from __future__ import annotations
@@ -32,17 +33,15 @@ from dataserver.state import (
     Entry,
     WorkerState,
 )
+from dataserver.streams import MAX_WAITING, MAX_WANT_SPAN, Streams
 
 __all__ = ["READY", "ConsumerState", "Dataset", "Entry", "Scheduler", "WorkerState"]
 
-#: The widest range one Want may name, and the most wants one consumer may have outstanding.
-MAX_WANT_SPAN = 4096
-MAX_WAITING = 65536
 MIN_DEPTH = 2
 QUEUE_S = 0.002
 
 
-class Scheduler:
+class Scheduler(Streams):
     def __init__(
         self,
         datasets: list[Dataset],
@@ -330,61 +329,7 @@ class Scheduler:
                     break
         return late
 
-    # --- generator datasets ----------------------------------------------------------------
-
-    def take(self, cid: bytes, count: int) -> str | None:
-        """The consumer wants ``count`` more items of its generator dataset."""
-        c = self.consumers.get(cid)
-        if c is None or c.gone:
-            return "Take before Hello; send Hello first"
-        d = self.datasets[c.ds]
-        if not d.stream:
-            return f"dataset {d.name!r} is a Sequence: ask for positions with Want"
-        if not 0 < count <= MAX_WANT_SPAN or c.takes + count > MAX_WAITING:
-            return f"Take of {count}: ask for 1..{MAX_WANT_SPAN} items at a time"
-        c.takes += count
-        self._stream_fill(c.ds)
-        return None
-
-    def _stream_fill(self, ds: int) -> None:
-        """Hand made items to consumers that asked (first asked, first served), start making
-        as many more as are asked for, and say StreamEnd once every generator ended."""
-        d = self.datasets[ds]
-        wanting = [c for c in self.consumers.values() if c.ds == ds and c.takes and not c.gone]
-        for c in wanting:
-            while c.takes and d.ready:
-                e = d.ready.popleft()
-                c.takes -= 1
-                c.leases[e.bid] += 1
-                c.delivered += 1
-                c.bytes += e.nbytes
-                e.leases += 1
-                offset = e.slot * self.slot_bytes if not e.segment else 0
-                self.out_ready.setdefault(c.cid, []).append(
-                    [0, e.index, e.index, e.bid, e.segment, offset, e.nbytes, e.layout])
-        live = self.worker_count - len(d.exhausted)
-        wanted = sum(c.takes for c in wanting)
-        while live > 0 and d.producing < wanted:
-            self._stream_entry(ds)
-        if live <= 0 and not d.producing and not d.ready:
-            for c in self.consumers.values():
-                if c.ds == ds and not c.ended and not c.gone:
-                    c.ended = True
-                    c.takes = 0
-                    self.out_ended.append(c.cid)
-
-    def _stream_entry(self, ds: int) -> Entry:
-        """Queue the making of the next item of generator dataset ``ds``."""
-        d = self.datasets[ds]
-        e = Entry(self._next_bid, ds, 0, d.next_item)
-        self._next_bid += 1
-        d.next_item += 1
-        d.producing += 1
-        e.stream = True
-        self.entries[ds, 0, e.index] = e
-        self.by_bid[e.bid] = e
-        self.pending.append(e)
-        return e
+    # --- generator datasets (asking for items: Streams.take) -----------------------
 
     def exhausted(self, wid: int, bid: int) -> None:
         """The worker's generator ended instead of making ``bid``."""
@@ -531,75 +476,3 @@ class Scheduler:
         e.waiters.clear()
         e.slot = -1
         self._forget(e)
-
-    def _free_slot(self, slot: int) -> None:
-        if slot >= 0 and slot not in self.quarantined:
-            self.free_slots.append(slot)
-
-    def _behind(self) -> dict[int, tuple[int, int]]:
-        """Per dataset, the (epoch, position) every consumer of it has asked beyond: a cached
-        batch before it is needed by none of them."""
-        low: dict[int, tuple[int, int]] = {}
-        for c in self.consumers.values():
-            if not c.gone:
-                at = (c.epoch, c.position)
-                low[c.ds] = min(low.get(c.ds, at), at)
-        return low
-
-    def _evict(self, needed_too: bool, low: dict[int, tuple[int, int]]) -> int:
-        """Free a cached batch's slot: the oldest one no consumer still needs, or (``needed_too``,
-        for a consumer blocked on its next batch) the oldest of all. -1 if none qualifies.
-
-        Not evicting what a lagging consumer will read is the backpressure: a consumer far
-        ahead of the others then waits for slots (or, blocked, gets its batch in a one-off
-        segment), so the others catch up instead of every batch being made once per consumer.
-        ``low`` is :meth:`_behind`, computed once per dispatch.
-        """
-        victim = None
-        for e in self.cached.values():
-            if e.pos < 0 or e.ds not in low or (e.epoch, e.pos) < low[e.ds]:
-                victim = e
-                break
-        if victim is None and needed_too and self.cached:
-            victim = next(iter(self.cached.values()))
-            self.stats["evicted_needed"] += 1
-        while victim is not None:
-            old = victim
-            self._forget(old)
-            self.stats["evicted"] += 1
-            if not old.segment:
-                return old.slot
-            self.to_unlink.append(old.segment)  # the slot-sizing batch, in its own segment
-            victim = next(iter(self.cached.values()), None) if needed_too else None
-        return -1
-
-    def _maybe_free(self, e: Entry) -> None:
-        if e.stream:
-            if e.state == READY and e.leases <= 0 and e not in self.datasets[e.ds].ready:
-                if e.segment:
-                    self.to_unlink.append(e.segment)
-                else:
-                    self._free_slot(e.slot)
-                self._forget(e)
-            return
-        if e.state == READY and e.leases <= 0 and not e.waiters and not e.keep:
-            if e.segment and not e.probe:
-                self.to_unlink.append(e.segment)
-                self._forget(e)
-            elif e.slot in self.quarantined:
-                self._forget(e)
-            else:
-                self.cached[e.bid] = e  # kept for whoever reads it next, until its slot is needed
-
-    def _forget(self, e: Entry) -> None:
-        self.entries.pop((e.ds, e.epoch, e.index), None)
-        self.by_bid.pop(e.bid, None)
-        self.cached.pop(e.bid, None)
-
-    def cached_slots(self) -> int:
-        """Ring slots holding a cached batch (the slot-sizing batch is cached outside the ring)."""
-        return sum(1 for e in self.cached.values() if not e.segment)
-
-    def held_slots(self) -> int:
-        """Ring slots leased to consumers or being written."""
-        return self.slots - len(self.free_slots) - len(self.quarantined) - self.cached_slots()

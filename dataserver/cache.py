@@ -1,0 +1,100 @@
+"""The ring as a cache: which slot is free, which READY batch stays cached in its slot for
+whoever reads it next, and which one is evicted when a slot is needed.
+
+A mixin of :class:`dataserver.scheduler.Scheduler` (pure bookkeeping, like it), which owns the
+state these methods use.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict, deque
+
+from dataserver.state import READY, ConsumerState, Dataset, Entry
+
+__all__ = ["RingCache"]
+
+
+class RingCache:
+    # the Scheduler's state these methods use (set in Scheduler.__init__)
+    datasets: list[Dataset]
+    consumers: dict[bytes, ConsumerState]
+    entries: dict[tuple[int, int, int], Entry]
+    by_bid: dict[int, Entry]
+    cached: OrderedDict[int, Entry]  # bid -> READY, unleased, in ring
+    slots: int
+    free_slots: deque[int]
+    quarantined: set[int]
+    to_unlink: list[str]
+    stats: Counter[str]
+
+    def _free_slot(self, slot: int) -> None:
+        if slot >= 0 and slot not in self.quarantined:
+            self.free_slots.append(slot)
+
+    def _behind(self) -> dict[int, tuple[int, int]]:
+        """Per dataset, the (epoch, position) every consumer of it has asked beyond: a cached
+        batch before it is needed by none of them."""
+        low: dict[int, tuple[int, int]] = {}
+        for c in self.consumers.values():
+            if not c.gone:
+                at = (c.epoch, c.position)
+                low[c.ds] = min(low.get(c.ds, at), at)
+        return low
+
+    def _evict(self, needed_too: bool, low: dict[int, tuple[int, int]]) -> int:
+        """Free a cached batch's slot: the oldest one no consumer still needs, or (``needed_too``,
+        for a consumer blocked on its next batch) the oldest of all. -1 if none qualifies.
+
+        Not evicting what a lagging consumer will read is the backpressure: a consumer far
+        ahead of the others then waits for slots (or, blocked, gets its batch in a one-off
+        segment), so the others catch up instead of every batch being made once per consumer.
+        ``low`` is :meth:`_behind`, computed once per dispatch.
+        """
+        victim = None
+        for e in self.cached.values():
+            if e.pos < 0 or e.ds not in low or (e.epoch, e.pos) < low[e.ds]:
+                victim = e
+                break
+        if victim is None and needed_too and self.cached:
+            victim = next(iter(self.cached.values()))
+            self.stats["evicted_needed"] += 1
+        while victim is not None:
+            old = victim
+            self._forget(old)
+            self.stats["evicted"] += 1
+            if not old.segment:
+                return old.slot
+            self.to_unlink.append(old.segment)  # the slot-sizing batch, in its own segment
+            victim = next(iter(self.cached.values()), None) if needed_too else None
+        return -1
+
+    def _maybe_free(self, e: Entry) -> None:
+        if e.stream:
+            if e.state == READY and e.leases <= 0 and e not in self.datasets[e.ds].ready:
+                if e.segment:
+                    self.to_unlink.append(e.segment)
+                else:
+                    self._free_slot(e.slot)
+                self._forget(e)
+            return
+        if e.state == READY and e.leases <= 0 and not e.waiters and not e.keep:
+            if e.segment and not e.probe:
+                self.to_unlink.append(e.segment)
+                self._forget(e)
+            elif e.slot in self.quarantined:
+                self._forget(e)
+            else:
+                self.cached[e.bid] = e  # kept for whoever reads it next, until its slot is needed
+
+    def _forget(self, e: Entry) -> None:
+        self.entries.pop((e.ds, e.epoch, e.index), None)
+        self.by_bid.pop(e.bid, None)
+        self.cached.pop(e.bid, None)
+
+    def cached_slots(self) -> int:
+        """Ring slots holding a cached batch (the slot-sizing batch is cached outside the ring)."""
+        return sum(1 for e in self.cached.values() if not e.segment)
+
+    def held_slots(self) -> int:
+        """Ring slots leased to consumers or being written."""
+        return self.slots - len(self.free_slots) - len(self.quarantined) - self.cached_slots()
