@@ -144,6 +144,9 @@ class Scheduler(Streams):
                 e.urgent = True
                 self.pending.appendleft(e)
             self._wait(c, e, pos)
+        if urgent and c.frames:
+            c.order.blocked_at(epoch, start)
+            self._send_in_order(c)
         return None
 
     def fetch(self, cid: bytes, epoch: int, index: int) -> str | None:

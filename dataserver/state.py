@@ -93,13 +93,14 @@ class SendOrder:
     leases, as an shm consumer holds the slots of batches it reads later.
     """
 
-    __slots__ = ("_heap", "_held", "_owed", "_seq")
+    __slots__ = ("_floor", "_heap", "_held", "_owed", "_seq")
 
     def __init__(self) -> None:
         self._owed: Counter[tuple[int, int]] = Counter()
         self._heap: list[tuple[int, int]] = []  # owed keys, lazily deleted
         self._held: list[tuple[tuple[int, int], int, list[Any]]] = []
         self._seq = 0
+        self._floor = (-1, -1)  # the consumer is blocked here: nothing before it holds it back
 
     def owe(self, epoch: int, pos: int) -> None:
         key = (epoch, pos)
@@ -113,6 +114,11 @@ class SendOrder:
         else:
             self._owed.pop(key, None)
 
+    def blocked_at(self, epoch: int, pos: int) -> None:
+        """The consumer waits for this position (an urgent want): it has skipped whatever it
+        still owes before it (``at()`` forward), so that no longer holds anything back."""
+        self._floor = max(self._floor, (epoch, pos))
+
     def hold(self, epoch: int, pos: int, item: list[Any]) -> None:
         heapq.heappush(self._held, ((epoch, pos), self._seq, item))
         self._seq += 1
@@ -123,7 +129,7 @@ class SendOrder:
         while heap and heap[0] not in owed:
             heapq.heappop(heap)
         out = []
-        while self._held and (not heap or self._held[0][0] <= heap[0]):
+        while self._held and (not heap or self._held[0][0] <= max(heap[0], self._floor)):
             out.append(heapq.heappop(self._held)[2])
         return out
 

@@ -69,6 +69,22 @@ def test_a_failed_or_dropped_position_lets_the_later_ones_go() -> None:
     assert len(c.order) == 0
 
 
+def test_a_consumer_blocked_further_on_gets_its_batch_at_once() -> None:
+    """``at()`` forward: the consumer skipped positions it still owes; it waits for a later one
+    (an urgent want), and the positions before it no longer hold that back."""
+    s, _c = _scheduler(frames=True)
+    assert s.want(b"c", 0, 0, 4, 1, False) is None
+    tasks = _tasks(s)
+    wid, bid = tasks[3]
+    s.done(wid, bid, "", 4096, b"")
+    assert _sent(s) == []
+    assert s.want(b"c", 0, 3, 4, 1, True) is None  # blocked on position 3
+    assert _sent(s) == [3, 3]  # the prefetched announcement, and the urgent want's
+    wid, bid = tasks[1]
+    s.done(wid, bid, "", 4096, b"")
+    assert _sent(s) == [1]  # behind the floor: sent as it comes (the consumer drops it)
+
+
 def test_shared_memory_consumers_get_announcements_as_batches_are_made() -> None:
     s, _c = _scheduler(frames=False)
     assert s.want(b"c", 0, 0, 2, 1, False) is None

@@ -106,3 +106,16 @@ def test_curve_keys_encrypt_and_authenticate(isolated: dict[str, Path], tmp_path
     with pytest.raises(ConfigError, match="--curve-keys"):
         serve(seqs.Indexed(4), endpoint="tcp://10.0.0.1:5555")
     server.close()
+
+
+def test_frames_consumer_jumping_ahead_gets_its_batch(serve: Any) -> None:
+    """Batches reach a frames consumer in its order; one that jumps ahead (``at()`` under
+    shuffling) is not held back by the positions it skipped."""
+    server = serve(seqs.Indexed(60, delay=0.002), shuffle=True, seed=5, workers=2, slots=6)
+    order = np.random.default_rng([5, 0]).permutation(60).tolist()
+    with RemoteSequence(server.endpoint, transport="frames", prefetch=4) as seq:
+        assert [int(seq.at(p)[1][0]) for p in range(3)] == order[:3]
+        jumps = (40, 41, 50, 2)
+        assert [int(seq.at(p)[1][0]) for p in jumps] == [order[p] for p in jumps]
+        assert [int(y[0]) for _x, y in seq] == order
+    wait_for(lambda: fetch_status(server.endpoint)["ring"]["held"] == 0, "every slot released")
