@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
@@ -47,6 +47,7 @@ from dataserver.protocol import (
 
 from ._batches import FrameBatches, ShmBatches
 from ._channel import POLL_SLICE_MS, Channel
+from ._positions import Item, Positions
 
 __all__ = ["RemoteSequence"]
 
@@ -105,12 +106,6 @@ class RemoteSequence:
         self.timeout = timeout
         self._closed = False
         self._channel = Channel(self.endpoint, curve_keys)
-        self._buffer: dict[int, list[Any] | Failed] = {}  # global position -> item
-        self._fetched: dict[tuple[int, int], deque[list[Any] | Failed]] = {}
-        self._discard: Counter[int] = Counter()
-        # ask for the next epoch's first batches while this one ends, unless this consumer
-        # reads an epoch again without on_epoch_end (an evaluation loop, say)
-        self._speculate = True
         try:
             label = name or f"{socket.gethostname()}:{os.getpid()}"
             w = self._channel.hello(Hello(VERSION, dataset, os.getpid(), pid_namespace(), label),
@@ -123,7 +118,7 @@ class RemoteSequence:
         self.total = w.length  # batches in the whole epoch; len() is this shard's
         self._len = len(range(rank, w.length, world))
         self.stream = w.stream  # a generator dataset: no length, items in the order made
-        self._sbuf: deque[list[Any] | Failed] = deque()
+        self._sbuf: deque[Item] = deque()
         self._outstanding = 0  # generator items asked for and not yet received
         self._ended = False
         if not self._len and not self.stream:
@@ -153,9 +148,7 @@ class RemoteSequence:
             self._channel.frames = True
             self._send(UseFrames())
         self._release_batch = max(1, (self.slots - self.prefetch) // 2)
-        self._epoch = 0
-        self._cursor = 0  # global position (epoch * len + pos) of the next batch to yield
-        self._requested = 0  # global positions below this were asked for
+        self._pos = Positions(self._len, self.shard, self.prefetch)
         self._resumed = False
         if resume is not None:
             self._resume(resume)
@@ -200,35 +193,20 @@ class RemoteSequence:
             self._ended = True
         elif isinstance(msg, Ready):
             for item in msg.items:
-                self._route(item[0], item[1], item[2], item[3], item)
+                self._route(item[0], item[1], item[2], item)
         elif isinstance(msg, Failed):
-            self._route(msg.epoch, msg.pos, msg.index, -1, msg)
+            self._route(msg.epoch, msg.pos, msg.index, msg)
         elif isinstance(msg, Refused):
             raise ProtocolError(f"the server refused a request: {msg.reason}")
         elif not isinstance(msg, Pong):
             raise ProtocolError(f"unexpected {type(msg).__name__} from the server")
 
-    def _route(self, epoch: int, pos: int, index: int, bid: int, item: list[Any] | Failed) -> None:
-        if pos < 0:
-            self._fetched.setdefault((epoch, index), deque()).append(item)
-            return
-        rank, world = self.shard
-        p, off = divmod(pos - rank, world)
-        if off or not 0 <= p < self._len:
-            self._drop(item)
-            return
-        g = epoch * self._len + p
-        if self._discard[g] > 0:
-            self._discard[g] -= 1
-            if not self._discard[g]:
-                del self._discard[g]
-            self._drop(item)
-        elif g < self._cursor or g in self._buffer:
-            self._drop(item)
-        else:
-            self._buffer[g] = item
+    def _route(self, epoch: int, pos: int, index: int, item: Item) -> None:
+        unneeded = self._pos.route(epoch, pos, index, item)
+        if unneeded is not None:
+            self._drop(unneeded)
 
-    def _drop(self, item: list[Any] | Failed) -> None:
+    def _drop(self, item: Item) -> None:
         if not isinstance(item, Failed):
             self._batches.drop(item)
 
@@ -270,7 +248,7 @@ class RemoteSequence:
 
     # --- turning announcements into batches -------------------------------------------------
 
-    def _materialize(self, item: list[Any] | Failed) -> Any:
+    def _materialize(self, item: Item) -> Any:
         if isinstance(item, Failed):
             raise _error(item)
         batch = self._batches.build(item)
@@ -281,21 +259,8 @@ class RemoteSequence:
     # --- the stream of positions ------------------------------------------------------------
 
     def _top_up(self) -> None:
-        """Ask for positions up to ``prefetch`` ahead of the cursor, into the next epoch too
-        unless this consumer re-reads epochs without stepping them."""
-        n = self._len
-        # never past the next epoch: a small dataset would otherwise be asked for many epochs
-        # ahead, made for nothing if the consumer stops
-        limit = min(self._cursor + self.prefetch, (self._epoch + (2 if self._speculate else 1)) * n)
-        if self._requested - self._cursor > self.prefetch // 2 or self._requested >= limit:
-            return
-        g = max(self._requested, self._cursor)
-        while g < limit:
-            epoch, pos = divmod(g, n)
-            stop = min(n, pos + (limit - g))
-            self._send(self._want(epoch, pos, stop, False))
-            g += stop - pos
-        self._requested = limit
+        for want in self._pos.top_up():
+            self._send(want)
 
     def _next_item(self) -> Any:
         """The next generator item (StopIteration once the stream ended)."""
@@ -315,39 +280,21 @@ class RemoteSequence:
             self._send(Take(count))
             self._outstanding += count
 
-    def _want(self, epoch: int, start: int, stop: int, urgent: bool) -> Want:
-        """Ask for this shard's positions [start, stop) of ``epoch``."""
-        rank, world = self.shard
-        return Want(epoch, rank + start * world, rank + (stop - 1) * world + 1, world, urgent)
-
     def _next(self) -> Any:
-        g = self._cursor
+        pos = self._pos
+        g = pos.cursor
         self._top_up()
-        item = self._buffer.pop(g, None)
+        item = pos.buffer.pop(g, None)
         if item is None:
-            epoch, pos = divmod(g, self._len)
-            self._wait(lambda: g in self._buffer, self._want(epoch, pos, pos + 1, True))
-            item = self._buffer.pop(g)
-        self._cursor = g + 1
+            epoch, p = divmod(g, self._len)
+            self._wait(lambda: g in pos.buffer, pos.want(epoch, p, p + 1, True))
+            item = pos.buffer.pop(g)
+        pos.cursor = g + 1
         return self._materialize(item)
 
     def _skip_to(self, g: int) -> None:
-        """Move the cursor to ``g``: forward drops what lies between, backward starts over."""
-        if g < self._cursor:
-            for pos in range(self._cursor, self._requested):
-                if pos in self._buffer:
-                    self._drop(self._buffer.pop(pos))
-                else:
-                    self._discard[pos] += 1
-            self._requested = g
-        else:
-            for pos in range(self._cursor, min(g, self._requested)):
-                if pos in self._buffer:
-                    self._drop(self._buffer.pop(pos))
-                else:
-                    self._discard[pos] += 1
-            self._requested = max(self._requested, g)
-        self._cursor = g
+        for item in self._pos.skip_to(g):
+            self._drop(item)
 
     # --- the Sequence interface -------------------------------------------------------------
 
@@ -360,7 +307,7 @@ class RemoteSequence:
     @property
     def epoch(self) -> int:
         """The epoch this consumer reads: 0 at first, one more after each on_epoch_end()."""
-        return self._epoch
+        return self._pos.epoch
 
     def __getitem__(self, index: int) -> Any:
         """The batch at ``index``. Reading indices in order (0, 1, 2, ...) is prefetched;
@@ -386,8 +333,8 @@ class RemoteSequence:
         self._check_open()
         if not 0 <= position < self._len:
             raise IndexError(f"position {position} out of range for {self._len} batches")
-        g = self._epoch * self._len + position
-        if self._cursor <= g < self._cursor + max(self.prefetch, 1) + 1:
+        g = self._pos.epoch * self._len + position
+        if self._pos.cursor <= g < self._pos.cursor + max(self.prefetch, 1) + 1:
             self._skip_to(g)
             return self._next()
         if not self.shuffle:
@@ -396,13 +343,14 @@ class RemoteSequence:
         return self._next()
 
     def _fetch(self, index: int) -> Any:
-        key = (self._epoch, index)
-        self._send(Fetch(self._epoch, index))
-        self._wait(lambda: bool(self._fetched.get(key)))
-        queue = self._fetched[key]
+        fetched = self._pos.fetched
+        key = (self._pos.epoch, index)
+        self._send(Fetch(*key))
+        self._wait(lambda: bool(fetched.get(key)))
+        queue = fetched[key]
         item = queue.popleft()
         if not queue:
-            del self._fetched[key]
+            del fetched[key]
         return self._materialize(item)
 
     def __iter__(self) -> Iterator[Any]:
@@ -412,13 +360,13 @@ class RemoteSequence:
         self._check_open()
         if self.stream:
             return _StreamIterator(self)
-        start = self._epoch * self._len
-        if self._cursor != start and not self._resumed:
-            if self._cursor > start:  # the same epoch again: stop prefetching the next one
-                self._speculate = False
+        start = self._pos.epoch * self._len
+        if self._pos.cursor != start and not self._resumed:
+            if self._pos.cursor > start:  # the same epoch again: stop prefetching the next one
+                self._pos.speculate = False
             self._skip_to(start)
         self._resumed = False
-        return _EpochIterator(self, self._epoch)
+        return _EpochIterator(self, self._pos.epoch)
 
     def on_epoch_end(self) -> None:
         """End this consumer's epoch: the next iteration reads the next epoch's order.
@@ -426,23 +374,17 @@ class RemoteSequence:
         self._check_open()
         if self.stream:
             return
-        end = (self._epoch + 1) * self._len
-        if self._cursor < end:
-            self._skip_to(end)
-        self._send(EpochEnd(self._epoch))
-        self._epoch += 1
-        self._speculate = True
-        for key in [k for k in self._fetched if k[0] < self._epoch]:
-            for item in self._fetched.pop(key):
-                self._drop(item)
-        for g in [g for g in self._discard if g < end - self._len]:
-            del self._discard[g]
+        epoch = self._pos.epoch
+        unneeded = self._pos.end_epoch()
+        self._send(EpochEnd(epoch))
+        for item in unneeded:
+            self._drop(item)
 
     def state(self) -> dict[str, Any]:
         """Where this consumer is, as a small dict to save beside a checkpoint:
         ``RemoteSequence(..., resume=state)`` continues from exactly the next batch, in the same
         order (same dataset, shard, seed)."""
-        epoch, position = divmod(self._cursor, self._len)
+        epoch, position = divmod(self._pos.cursor, self._len)
         return {"dataset": self.dataset, "epoch": epoch, "position": position,
                 "shard": list(self.shard), "length": self._len, "total": self.total,
                 "shuffle": self.shuffle, "seed": self.seed}
@@ -458,8 +400,7 @@ class RemoteSequence:
         if epoch < 0 or not 0 <= position <= self._len:
             self.close()
             raise ValueError(f"cannot resume at epoch {epoch}, position {position}")
-        self._epoch = epoch + position // self._len
-        self._cursor = self._requested = epoch * self._len + position
+        self._pos.resume(epoch, position)
         self._resumed = True  # the first iteration continues from here
 
     def held(self) -> int:
@@ -494,14 +435,9 @@ class RemoteSequence:
         if self._closed:
             return
         self._closed = True
-        for item in [*self._buffer.values(), *self._sbuf]:
+        for item in [*self._pos.clear(), *self._sbuf]:
             self._drop(item)
-        self._buffer.clear()
         self._sbuf.clear()
-        for queue in self._fetched.values():
-            for item in queue:
-                self._drop(item)
-        self._fetched.clear()
         held = self._batches.detach()
         released = self._batches.take_releases()
         self._channel.close([*([Release(released)] if released else []), Bye(held)])
@@ -514,7 +450,7 @@ class RemoteSequence:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"epoch {self._epoch}"
+        state = "closed" if self._closed else f"epoch {self._pos.epoch}"
         return f"<RemoteSequence {self.dataset!r} at {self.endpoint}: {self._len} batches, {state}>"
 
 
@@ -542,7 +478,7 @@ class _EpochIterator:
 
     def __next__(self) -> Any:
         seq = self.seq
-        if seq._closed or seq._epoch != self.epoch or seq._cursor >= self.end:
+        if seq._closed or seq._pos.epoch != self.epoch or seq._pos.cursor >= self.end:
             raise StopIteration
         return seq._next()
 

@@ -222,7 +222,7 @@ def test_sequential_getitem_is_served_from_the_prefetched_stream(serve: Any) -> 
     server = serve(seqs.Indexed(30))
     with RemoteSequence(server.endpoint) as seq:
         assert [int(seq[i][1][0]) for i in range(30)] == list(range(30))
-        assert seq._cursor == 30  # served by the stream, not one round trip per batch
+        assert seq._pos.cursor == 30  # served by the stream, not one round trip per batch
         assert [int(seq[i][1][0]) for i in (5, 2, 29)] == [5, 2, 29]
 
 
