@@ -23,6 +23,11 @@ def _tasks(s: Scheduler) -> dict[int, tuple[int, int]]:
     return by_index
 
 
+def _finish(s: Scheduler, task: tuple[int, int]) -> None:
+    wid, bid = task
+    s.done(wid, bid, "", 4096, b"")
+
+
 def _sent(s: Scheduler) -> list[int]:
     return [item[1] for item in s.out_ready.pop(b"c", [])]
 
@@ -31,17 +36,13 @@ def test_a_frames_consumer_gets_announcements_in_position_order() -> None:
     s, _c = _scheduler(frames=True)
     assert s.want(b"c", 0, 0, 4, 1, False) is None
     tasks = _tasks(s)
-    wid, bid = tasks[1]
-    s.done(wid, bid, "", 4096, b"")
+    _finish(s, tasks[1])
     assert _sent(s) == []  # position 0 is still being made: 1 waits for it
-    wid, bid = tasks[3]
-    s.done(wid, bid, "", 4096, b"")
+    _finish(s, tasks[3])
     assert _sent(s) == []
-    wid, bid = tasks[0]
-    s.done(wid, bid, "", 4096, b"")
+    _finish(s, tasks[0])
     assert _sent(s) == [0, 1]
-    wid, bid = tasks[2]
-    s.done(wid, bid, "", 4096, b"")
+    _finish(s, tasks[2])
     assert _sent(s) == [2, 3]
 
 
@@ -49,8 +50,7 @@ def test_a_failed_or_dropped_position_lets_the_later_ones_go() -> None:
     s, c = _scheduler(frames=True)
     assert s.want(b"c", 0, 0, 3, 1, False) is None
     tasks = _tasks(s)
-    wid, bid = tasks[1]
-    s.done(wid, bid, "", 4096, b"")
+    _finish(s, tasks[1])
     wid0, bid0 = tasks[0]
     s.raised(wid0, bid0, "ValueError", "bad", "")
     assert _sent(s) == [1]
@@ -58,13 +58,11 @@ def test_a_failed_or_dropped_position_lets_the_later_ones_go() -> None:
     # position 2 is still owed; the consumer ends the epoch, so it is owed no longer
     assert s.want(b"c", 1, 0, 2, 1, False) is None
     tasks = _tasks(s)
-    wid, bid = tasks[1]
-    s.done(wid, bid, "", 4096, b"")
+    _finish(s, tasks[1])
     assert _sent(s) == []  # epoch 0's position 2 comes first
     s.epoch_end(b"c", 0)
     assert _sent(s) == []  # epoch 1's position 0 is still owed
-    wid, bid = tasks[0]
-    s.done(wid, bid, "", 4096, b"")
+    _finish(s, tasks[0])
     assert _sent(s) == [0, 1]
     assert len(c.order) == 0
 
@@ -75,13 +73,11 @@ def test_a_consumer_blocked_further_on_gets_its_batch_at_once() -> None:
     s, _c = _scheduler(frames=True)
     assert s.want(b"c", 0, 0, 4, 1, False) is None
     tasks = _tasks(s)
-    wid, bid = tasks[3]
-    s.done(wid, bid, "", 4096, b"")
+    _finish(s, tasks[3])
     assert _sent(s) == []
     assert s.want(b"c", 0, 3, 4, 1, True) is None  # blocked on position 3
     assert _sent(s) == [3, 3]  # the prefetched announcement, and the urgent want's
-    wid, bid = tasks[1]
-    s.done(wid, bid, "", 4096, b"")
+    _finish(s, tasks[1])
     assert _sent(s) == [1]  # behind the floor: sent as it comes (the consumer drops it)
 
 
@@ -89,6 +85,5 @@ def test_shared_memory_consumers_get_announcements_as_batches_are_made() -> None
     s, _c = _scheduler(frames=False)
     assert s.want(b"c", 0, 0, 2, 1, False) is None
     tasks = _tasks(s)
-    wid, bid = tasks[1]
-    s.done(wid, bid, "", 4096, b"")
+    _finish(s, tasks[1])
     assert _sent(s) == [1]  # the client reorders what it maps; nothing waits on a socket
