@@ -22,10 +22,11 @@ pytestmark = pytest.mark.timeout(120)
 HERE = Path(__file__).parent
 
 
-def test_sigkill_random_workers_repeatedly_loses_nothing(serve: Any) -> None:
+@pytest.mark.parametrize("transport", ["shm", "frames"])
+def test_sigkill_random_workers_repeatedly_loses_nothing(serve: Any, transport: str) -> None:
     server = serve(seqs.Indexed(120, delay=0.01), workers=2, max_retries=5)
     killed = 0
-    with RemoteSequence(server.endpoint) as seq:
+    with RemoteSequence(server.endpoint, transport=transport) as seq:
         got = []
         for _x, y in seq:
             got.append(int(y[0]))
