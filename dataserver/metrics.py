@@ -53,6 +53,7 @@ METRIC_NAMES = (
     "dataserver_uptime_seconds",
     "dataserver_server_memory_bytes",
     "dataserver_server_cpu_percent",
+    "dataserver_fork_server_memory_bytes",
     "dataserver_workers",
     "dataserver_worker_memory_bytes",
     "dataserver_worker_cpu_percent",
@@ -125,6 +126,14 @@ def _server_families(snap: dict[str, Any], age: float) -> Iterator[GaugeMetricFa
                                                 "CPU, since the previous snapshot")
     if s.get("cpu_percent") is not None:
         g.add_metric([], s["cpu_percent"])
+    yield g
+    g = _gauge("dataserver_fork_server_memory_bytes", "memory of the fork server the process "
+               "workers fork from (the modules they share), by psutil kind; absent without one",
+               ["kind"])
+    fs = snap.get("fork_server") or {}
+    for kind in _MEMORY:
+        if fs.get(kind) is not None:
+            g.add_metric([kind], fs[kind])
     yield g
 
 

@@ -87,7 +87,9 @@ class Monitor:
                 item.update(dict.fromkeys((*_MEMORY, "cpu_percent")))
                 item["memory_note"] = "thread worker: shares the server process's memory"
             workers.append(item)
-        self.forget_dead({w["pid"] for w in workers} | {os.getpid()})
+        fork_server = getattr(server.pool, "fork_server_pid", None)  # not the Ray backend's
+        fs_pid = fork_server() if fork_server is not None else None
+        self.forget_dead({w["pid"] for w in workers} | {os.getpid(), fs_pid or 0})
         one_off = [e for e in sched.by_bid.values() if e.segment]
         ring = {
             "slots": sched.slots, "slot_bytes": sched.slot_bytes,
@@ -124,6 +126,7 @@ class Monitor:
             "datasets": [{"name": d.name, "length": d.length, "shuffle": d.shuffle,
                           "seed": d.seed} for d in sched.datasets],
             "workers": workers,
+            **({"fork_server": {"pid": fs_pid, **self.process(fs_pid)}} if fs_pid else {}),
             "ring": ring,
             "consumers": consumers,
             "counters": dict(sched.stats),

@@ -15,6 +15,8 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from dataserver import _preload, shm
 from dataserver.worker import WorkerSpec, worker_main
 
@@ -72,6 +74,8 @@ class Pool:
     def __init__(self, template: WorkerSpec, start_method: str) -> None:
         self.template = template
         self.mp: Any = multiprocessing.get_context(start_method)
+        self.start_method = start_method
+        self._fork_server: psutil.Process | None = None
         if start_method == "forkserver":  # workers then share these pages copy-on-write
             os.environ[_preload.ENV] = ",".join(
                 dict.fromkeys(m for m in (s.module for s in template.sources) if m))
@@ -80,6 +84,24 @@ class Pool:
                                             "dataserver._preload"])
         self.handles: dict[int, WorkerHandle] = {}  # by incarnation
         self._next = 0
+
+    def fork_server_pid(self) -> int | None:
+        """The fork server's pid (start method forkserver, once it started the first worker):
+        the process the workers fork from, which holds the modules they share. None else."""
+        if self.start_method != "forkserver":
+            return None
+        fs = self._fork_server
+        if fs is not None and fs.is_running():
+            return int(fs.pid)
+        self._fork_server = None
+        for child in psutil.Process().children():
+            try:
+                if "multiprocessing.forkserver" in " ".join(child.cmdline()):
+                    self._fork_server = child
+                    return int(child.pid)
+            except psutil.Error:
+                continue
+        return None
 
     def start(self, index: int, skip: tuple[int, ...] = ()) -> WorkerHandle:
         spec = replace(self.template, worker=index, incarnation=self._next, skip=skip)

@@ -54,6 +54,10 @@ def render(snap: dict[str, Any]) -> Any:
     head = Table(title=f"dataserver {s['id']} at {s['endpoint']}", show_header=False)
     head.add_row("server", f"pid {s['pid']}, {s['state']}, up {s['uptime_s']:.0f} s, "
                            f"RSS {_mem(s['rss'])}, USS {_mem(s['uss'])}, CPU {s['cpu_percent']}%")
+    fs = snap.get("fork_server")
+    if fs is not None:
+        head.add_row("fork server", f"pid {fs['pid']}, RSS {_mem(fs['rss'])}, USS "
+                                    f"{_mem(fs['uss'])}: the modules the workers share")
     for d in snap["datasets"]:
         head.add_row(f"dataset {d['name']}", f"{d['length']} batches"
                      + (f", shuffled (seed {d['seed']})" if d["shuffle"] else ""))

@@ -45,6 +45,11 @@ SCHEMA: dict[str, dict[str, str]] = {
     "top level": {
         "schema": "int", "server": "object", "datasets": "list", "workers": "list",
         "ring": "object", "consumers": "list", "counters": "object",
+        "fork_server": "object (optional)",
+    },
+    "fork_server": {
+        "pid": "int", "rss": "int or null", "uss": "int or null", "pss": "int or null",
+        "swap": "int or null", "cpu_percent": "float or null",
     },
     "server": {
         "id": "str", "pid": "int", "endpoint": "str", "state": "str", "uptime_s": "float",
@@ -118,6 +123,8 @@ def check_snapshot(snap: dict[str, Any]) -> None:
     check_object("status", snap, SCHEMA["top level"])
     check_object("server", snap["server"], SCHEMA["server"])
     check_object("ring", snap["ring"], SCHEMA["ring"])
+    if "fork_server" in snap:
+        check_object("fork_server", snap["fork_server"], SCHEMA["fork_server"])
     for part in ("datasets", "workers", "consumers"):
         for i, item in enumerate(snap[part]):
             check_object(f"{part}[{i}]", item, SCHEMA[f"{part}[]"])
@@ -192,6 +199,12 @@ def test_status_json_follows_the_documented_schema(serve: Any, worker_type: str)
             assert w["uss"] is None and w["pid"] == server.pid and "memory_note" in w
         else:
             assert w["uss"] > 0 and "memory_note" not in w
+    if worker_type == "thread":
+        assert "fork_server" not in snap
+    else:  # the default start method: every worker is the fork server's child
+        fs = snap["fork_server"]
+        assert fs["uss"] > 0 and psutil.Process(fs["pid"]).ppid() == server.pid
+        assert {psutil.Process(w["pid"]).ppid() for w in snap["workers"]} == {fs["pid"]}
 
 
 @pytest.mark.timeout(120)
@@ -278,6 +291,7 @@ def test_metrics_scraped_over_http_while_a_consumer_reads(serve: Any) -> None:
     assert all(v > 0 for k, v in mem.items() if dict(k)["kind"] != "swap")
     server_mem = values(fams["dataserver_server_memory_bytes"])
     assert server_mem[(("kind", "uss"),)] > 0
+    assert values(fams["dataserver_fork_server_memory_bytes"])[(("kind", "uss"),)] > 0
     done = values(fams["dataserver_worker_batches_total"])
     assert set(done) == {(("worker", "0"),), (("worker", "1"),)} and sum(done.values()) >= 50
     slots = values(fams["dataserver_ring_slots"])
