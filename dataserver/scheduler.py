@@ -138,6 +138,8 @@ class Scheduler(Streams):
             return f"more than {MAX_WAITING} batches wanted and not yet announced"
         order = d.order(epoch)
         c.epoch, c.position = epoch, start
+        if urgent and c.frames:  # before the waits: what is ready may go at once
+            c.order.blocked_at(epoch, start)
         for pos in positions:
             e = self._entry(c.ds, epoch, int(order[pos]), pos)
             if urgent and pos == start and e.state == PENDING:
@@ -145,7 +147,6 @@ class Scheduler(Streams):
                 self.pending.appendleft(e)
             self._wait(c, e, pos)
         if urgent and c.frames:
-            c.order.blocked_at(epoch, start)
             self._send_in_order(c)
         return None
 

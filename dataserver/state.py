@@ -116,8 +116,9 @@ class SendOrder:
 
     def blocked_at(self, epoch: int, pos: int) -> None:
         """The consumer waits for this position (an urgent want): it has skipped whatever it
-        still owes before it (``at()`` forward), so that no longer holds anything back."""
-        self._floor = max(self._floor, (epoch, pos))
+        still owes before it (``at()`` forward), so that no longer holds anything back. Where
+        it went back (the epoch read again), the order holds again from here."""
+        self._floor = (epoch, pos)
 
     def hold(self, epoch: int, pos: int, item: list[Any]) -> None:
         heapq.heappush(self._held, ((epoch, pos), self._seq, item))

@@ -79,6 +79,14 @@ def test_a_consumer_blocked_further_on_gets_its_batch_at_once() -> None:
     assert _sent(s) == [3, 3]  # the prefetched announcement, and the urgent want's
     _finish(s, tasks[1])
     assert _sent(s) == [1]  # behind the floor: sent as it comes (the consumer drops it)
+    # the consumer reads the epoch again from the start: the order holds again from there
+    assert s.want(b"c", 0, 0, 3, 1, True) is None
+    assert _tasks(s) == {}  # 0 and 2 are still being made, 1 is cached
+    assert _sent(s) == []  # 1 waits for 0
+    _finish(s, tasks[2])
+    assert _sent(s) == []
+    _finish(s, tasks[0])
+    assert _sent(s) == [0, 0, 1, 2, 2]  # 0 and 2 were owed twice (before and after going back)
 
 
 def test_shared_memory_consumers_get_announcements_as_batches_are_made() -> None:
