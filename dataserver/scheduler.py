@@ -215,8 +215,8 @@ class Scheduler(Streams):
             if e.state != READY and e.waiters and which(e):
                 before = len(e.waiters)
                 if c.frames:
-                    for _cid, pos in e.waiters:
-                        if _cid == c.cid and pos >= 0:
+                    for waiter, pos in e.waiters:
+                        if waiter == c.cid and pos >= 0:
                             c.order.settle(e.epoch, pos)
                 e.waiters = [w for w in e.waiters if w[0] != c.cid]
                 c.waiting -= before - len(e.waiters)
@@ -333,7 +333,7 @@ class Scheduler(Streams):
                     break
         return late
 
-    # --- generator datasets (asking for items: Streams.take) -----------------------
+    # --- generator datasets (asking for items is Streams.take) ------------------------------
 
     def exhausted(self, wid: int, bid: int) -> None:
         """The worker's generator ended instead of making ``bid``."""
