@@ -104,6 +104,30 @@ def _is_list(v: Any) -> bool:
     return type(v) is list
 
 
+#: Each field type as one Python expression over ``{v}``: compiled per message kind into one
+#: function that checks all its fields at once (a call per field cost ~1.5 us per message).
+_EXPRESSIONS = {
+    "int": "type({v}) is int",
+    "uint": "(type({v}) is int and {v} >= 0)",
+    "bool": "type({v}) is bool",
+    "str": "type({v}) is str",
+    "bytes": "type({v}) is bytes",
+    "float": "type({v}) in _NUMBERS",
+    "list[uint]": "_is_uint_list({v})",
+    "list": "type({v}) is list",
+}
+
+
+def _compile_checks(fields: tuple[str, ...]) -> Callable[[list[Any]], bool]:
+    """One function: does the array ``[KIND, *values]`` hold exactly these field types?"""
+    conds = [f"len(a) == {len(fields) + 1}"]
+    conds += [_EXPRESSIONS[t].format(v=f"a[{i + 1}]") for i, t in enumerate(fields)]
+    namespace: dict[str, Any] = {"_is_uint_list": _is_uint_list, "_NUMBERS": (float, int)}
+    exec(f"def check(a):\n    return {' and '.join(conds)}\n", namespace)
+    check: Callable[[list[Any]], bool] = namespace["check"]
+    return check
+
+
 _CHECKS: dict[str, Check] = {
     "int": _is_int,
     "uint": _is_uint,
@@ -124,7 +148,7 @@ class Message:
     NAMES: ClassVar[tuple[str, ...]]
 
 
-_BY_KIND: dict[int, tuple[type[Message], tuple[Check, ...]]] = {}
+_BY_KIND: dict[int, tuple[type[Message], Callable[[list[Any]], bool], tuple[Check, ...]]] = {}
 M = TypeVar("M", bound=type[Message])
 
 
@@ -135,7 +159,7 @@ def _message(kind: int, *fields: str) -> Callable[[M], M]:
         assert len(names) == len(fields), (cls, names, fields)
         cls.KIND = kind
         cls.NAMES = tuple(names)
-        _BY_KIND[kind] = (cls, tuple(_CHECKS[f] for f in fields))
+        _BY_KIND[kind] = (cls, _compile_checks(fields), tuple(_CHECKS[f] for f in fields))
         return cls
 
     return register
@@ -480,7 +504,10 @@ def decode(data: bytes, max_bytes: int = sys.maxsize) -> Message:
     entry = _BY_KIND.get(obj[0])
     if entry is None:
         raise ProtocolError(f"unknown message kind {obj[0]}")
-    cls, checks = entry
+    cls, valid, checks = entry
+    if valid(obj):
+        return cls(*obj[1:])
+    # not valid: find what is wrong, field by field, for the message
     fields = obj[1:]
     if len(fields) != len(checks):
         raise ProtocolError(
