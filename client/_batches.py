@@ -30,8 +30,10 @@ class ShmBatches:
         self.shm_dir = shm_dir
         self.copy = copy
         self.ring = shm.attach(shm_dir / ring, writable=False) if ring else None
-        self.releases: deque[tuple[int, int]] = deque()  # (token, bid), queued by finalizers
-        self.live: dict[int, weakref.finalize[Any, Any]] = {}
+        self.releases: deque[tuple[int, int]] = deque()  # (token, bid), queued by callbacks
+        # token -> the weak reference whose callback queues the release, and the batch id (a
+        # weakref.ref with a callback costs 0.5 us, weakref.finalize 1.7 us)
+        self.live: dict[int, tuple[weakref.ref[Any], int]] = {}
         self._tokens = itertools.count()
 
     def build(self, item: list[Any]) -> Any:
@@ -42,16 +44,15 @@ class ShmBatches:
             assert self.ring is not None
             mm = self.ring.mm
         # a base of its own (not a slice of one array over the ring: numpy would make the
-        # views' base that array, and the finalizer below would fire at once)
+        # views' base that array, and the callback below would fire at once)
         region = np.frombuffer(mm, np.uint8, count=nbytes, offset=offset)
         batch = layout.build(lay, region, copy=self.copy)
         if self.copy:
             self.releases.append((-1, bid))
         else:
             token = next(self._tokens)
-            fin = weakref.finalize(region, self.releases.append, (token, bid))
-            fin.atexit = False
-            self.live[token] = fin
+            queue = self.releases.append
+            self.live[token] = (weakref.ref(region, lambda _r: queue((token, bid))), bid)
         return batch
 
     def drop(self, item: list[Any]) -> None:
@@ -67,16 +68,12 @@ class ShmBatches:
         return bids
 
     def held(self) -> int:
-        return sum(1 for fin in self.live.values() if fin.alive)
+        return sum(1 for ref, _bid in self.live.values() if ref() is not None)
 
     def detach(self) -> list[int]:
         """Closing: stop watching the live batches (they keep their slots until this process
-        exits) and return their ids."""
-        held = []
-        for fin in self.live.values():
-            info = fin.detach()
-            if info is not None:
-                held.append(info[2][0][1])
+        exits; a dropped weak reference calls nothing) and return their ids."""
+        held = [bid for ref, bid in self.live.values() if ref() is not None]
         self.live.clear()
         return held
 
