@@ -2,7 +2,8 @@
 
 * :class:`ShmBatches` maps the server's ring (and its one-off segments) read-only and builds
   each batch as views of its slot. The slot stays leased while any view lives; when the last
-  one dies a finalizer queues the batch's release, which RemoteSequence sends in groups.
+  one dies a weak-reference callback queues the batch's release, which RemoteSequence sends
+  in groups.
 * :class:`FrameBatches` builds each batch over the ZeroMQ frame its bytes came in (a consumer
   on another host); the server released the slot when it sent them, so there is no lease.
 
