@@ -68,6 +68,11 @@ class WorkerHandle:
         return "thread ended"
 
 
+def _drop_task_fifo(spec: WorkerSpec) -> None:
+    if spec.tasks:
+        shm.unlink(Path(spec.tasks))
+
+
 class Pool:
     """The worker set. ``start(i)`` starts (or replaces) worker slot ``i`` as a new incarnation."""
 
@@ -87,8 +92,9 @@ class Pool:
 
     def fork_server_pid(self) -> int | None:
         """The fork server's pid (start method forkserver, once it started the first worker):
-        the process the workers fork from, which holds the modules they share. None else."""
-        if self.start_method != "forkserver":
+        the process the workers fork from, which holds the modules they share. None else
+        (thread workers start none)."""
+        if self.start_method != "forkserver" or self.template.kind != "process":
             return None
         fs = self._fork_server
         if fs is not None and fs.is_running():
@@ -124,8 +130,8 @@ class Pool:
 
     def forget(self, incarnation: int) -> WorkerHandle | None:
         h = self.handles.pop(incarnation, None)
-        if h is not None and h.spec.tasks:
-            shm.unlink(Path(h.spec.tasks))
+        if h is not None:
+            _drop_task_fifo(h.spec)
         if h is not None and h.process is not None:
             h.process.join(0.1)
             if not h.process.is_alive():
@@ -169,8 +175,7 @@ class Pool:
                 log.warning("worker thread %d is stuck in the Sequence; abandoning it",
                             h.spec.worker)
         for h in self.handles.values():
-            if h.spec.tasks:
-                shm.unlink(Path(h.spec.tasks))
+            _drop_task_fifo(h.spec)
             if h.process is not None and not h.process.is_alive():
                 h.process.close()
         self.handles.clear()
