@@ -91,6 +91,8 @@ class RemoteSequence:
                  name: str = "") -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be positive seconds, got {timeout}")
+        if transport not in ("auto", "shm", "frames"):
+            raise ValueError(f"transport must be auto, shm or frames, got {transport!r}")
         if resume is not None:
             dataset = resume.get("dataset", dataset)
             saved = tuple(resume.get("shard", (0, 1)))
@@ -111,8 +113,7 @@ class RemoteSequence:
             w = self._channel.hello(Hello(VERSION, dataset, os.getpid(), pid_namespace(), label),
                                     self.timeout)
         except BaseException:
-            self._closed = True
-            self._channel.close([])
+            self._abort()
             raise
         self.dataset = w.dataset
         self.total = w.length  # batches in the whole epoch; len() is this shard's
@@ -122,8 +123,7 @@ class RemoteSequence:
         self._outstanding = 0  # generator items asked for and not yet received
         self._ended = False
         if not self._len and not self.stream:
-            self._closed = True
-            self._channel.close([])
+            self._abort()
             raise ValueError(f"shard {rank} of {world} is empty: the dataset has only "
                              f"{w.length} batches")
         self.shuffle = w.shuffle
@@ -153,11 +153,12 @@ class RemoteSequence:
         if resume is not None:
             self._resume(resume)
 
+    def _abort(self) -> None:
+        """Construction failed after connecting: leave without a word (nothing is held)."""
+        self._closed = True
+        self._channel.close([])
+
     def _choose_transport(self, transport: str, w: Welcome) -> str:
-        if transport not in ("auto", "shm", "frames"):
-            self._closed = True
-            self._channel.close([])
-            raise ValueError(f"transport must be auto, shm or frames, got {transport!r}")
         if transport != "auto":
             return transport
         try:

@@ -52,6 +52,11 @@ def test_frames_transport_has_the_same_semantics(serve: Any, endpoint_kind: str,
     wait_for(lambda: fetch_status(server.endpoint)["ring"]["held"] == 0, "every slot released")
 
 
+def test_an_unknown_transport_is_refused_before_connecting() -> None:
+    with pytest.raises(ValueError, match="transport must be auto, shm or frames, got 'udp'"):
+        RemoteSequence("ipc:///nonexistent", transport="udp", timeout=0.1)
+
+
 def test_auto_picks_shared_memory_on_the_same_host(serve: Any) -> None:
     server = serve(seqs.Indexed(5))
     with RemoteSequence(server.endpoint) as seq:
