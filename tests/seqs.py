@@ -6,6 +6,7 @@ import ctypes
 import os
 import random
 import signal
+import threading
 import time
 from typing import Any
 
@@ -320,13 +321,19 @@ class Wide(Indexed):
                 for k in range(self.keys)}
 
 
+_SLOW_STARTED = threading.Event()  # per process: LoggedSlowLast's slow call began
+
+
 class LoggedSlowLast:
-    """No on_epoch_end. Logs "start i" / "end i" per call to ``log``; the first call of the
-    last batch takes ``slow`` seconds and is logged "start i slow" / "end i slow"."""
+    """No on_epoch_end; for thread workers. Logs "start i" / "end i" per call to ``log``; the
+    first call of the last batch takes ``slow`` seconds and is logged "start i slow" / "end i
+    slow". A second call of any index (the next epoch) waits until the slow call has begun
+    (at most ``slow`` seconds), so the next epoch's calls cannot all be over before it starts."""
 
     def __init__(self, n: int, log: str, slow: float = 1.0) -> None:
         self.n, self.log, self.slow = n, log, slow
         self.slowed = False
+        self.called: set[int] = set()
 
     def __len__(self) -> int:
         return self.n
@@ -334,10 +341,14 @@ class LoggedSlowLast:
     def __getitem__(self, i: int) -> Any:
         slow = i == self.n - 1 and not self.slowed
         self.slowed = self.slowed or slow
+        if not slow and i in self.called:
+            _SLOW_STARTED.wait(self.slow)
+        self.called.add(i)
         tag = " slow" if slow else ""
         with open(self.log, "a") as f:
             f.write(f"start {i}{tag}\n")
         if slow:
+            _SLOW_STARTED.set()
             time.sleep(self.slow)
         with open(self.log, "a") as f:
             f.write(f"end {i}{tag}\n")
