@@ -22,15 +22,26 @@ from typing import Any
 import numpy as np
 
 from dataserver import layout, shm
+from dataserver.errors import ProtocolError
 
 __all__ = ["FrameBatches", "ShmBatches"]
 
 
+def segment_path(shm_dir: Path, name: str, server_id: str) -> Path:
+    """The segment the server named, refused unless it is one of that server's own files:
+    a plain name under ``shm_dir`` with the server's prefix (the name comes off a socket)."""
+    if "/" in name or "\0" in name or not name.startswith(f"{shm.PREFIX}{server_id}-"):
+        raise ProtocolError(f"the server named a segment {name!r} that is not one of its own")
+    return shm_dir / name
+
+
 class ShmBatches:
-    def __init__(self, shm_dir: Path, ring: str, copy: bool) -> None:
+    def __init__(self, shm_dir: Path, ring: str, server_id: str, copy: bool) -> None:
         self.shm_dir = shm_dir
+        self.server_id = server_id
         self.copy = copy
-        self.ring = shm.attach(shm_dir / ring, writable=False) if ring else None
+        self.ring = (shm.attach(segment_path(shm_dir, ring, server_id), writable=False)
+                     if ring else None)
         self.releases: deque[tuple[int, int]] = deque()  # (token, bid), queued by callbacks
         # token -> the weak reference whose callback queues the release, and the batch id (a
         # weakref.ref with a callback costs 0.5 us, weakref.finalize 1.7 us)
@@ -40,10 +51,14 @@ class ShmBatches:
     def build(self, item: list[Any]) -> Any:
         _epoch, _pos, _index, bid, segment, offset, nbytes, lay = item[:8]
         if segment:
-            mm = shm.attach(self.shm_dir / segment, writable=False).mm
+            mm = shm.attach(segment_path(self.shm_dir, segment, self.server_id),
+                            writable=False).mm
         else:
             assert self.ring is not None
             mm = self.ring.mm
+        if offset + nbytes > len(mm):
+            raise ProtocolError(f"{nbytes} bytes at {offset} lie outside the {len(mm)}-byte "
+                                f"segment {segment or 'ring'}")
         # a base of its own (not a slice of one array over the ring: numpy would make the
         # views' base that array, and the callback below would fire at once)
         region = np.frombuffer(mm, np.uint8, count=nbytes, offset=offset)

@@ -22,6 +22,7 @@ from dataserver.errors import (
     ServerUnavailable,
     WorkerDiedError,
 )
+from dataserver.layout import BatchFormatError
 from dataserver.protocol import (
     VERSION,
     Bye,
@@ -140,7 +141,7 @@ class RemoteSequence:
         self.transport = self._choose_transport(transport, w)
         self._batches: ShmBatches | FrameBatches
         if self.transport == "shm" and w.ring:
-            self._batches = ShmBatches(Path(w.shm_dir), w.ring, copy)
+            self._batches = ShmBatches(Path(w.shm_dir), w.ring, w.server_id, copy)
             if same_host:
                 self._send(OpenPipes())
         else:
@@ -181,11 +182,13 @@ class RemoteSequence:
         if isinstance(msg, Pipes):
             self._channel.open_pipes(msg)
             return
-        if frames:  # frames transport: each Ready item's bytes follow it
-            if not isinstance(msg, Ready) or len(frames) != len(msg.items):
+        if self._channel.frames and isinstance(msg, Ready):  # each item's bytes follow it
+            if frames is None or len(frames) != len(msg.items):
                 raise ProtocolError("batch frames do not match the Ready message")
             for item, frame in zip(msg.items, frames, strict=True):
                 item.append(frame)
+        elif frames:
+            raise ProtocolError(f"frames follow a {type(msg).__name__} message")
         if self.stream and isinstance(msg, (Ready, Failed)):
             items = msg.items if isinstance(msg, Ready) else [msg]
             self._sbuf.extend(items)
@@ -252,7 +255,11 @@ class RemoteSequence:
     def _materialize(self, item: Item) -> Any:
         if isinstance(item, Failed):
             raise _error(item)
-        batch = self._batches.build(item)
+        try:
+            batch = self._batches.build(item)
+        except (BatchFormatError, ProtocolError) as exc:
+            raise ProtocolError(f"the server's announcement of batch {item[2]} (epoch "
+                                f"{item[0]}) is malformed: {exc}") from None
         if len(self._batches.releases) >= self._release_batch:
             self._flush_releases()
         return batch

@@ -261,18 +261,32 @@ def build(layout: bytes, region: np.ndarray[Any, Any], copy: bool = False) -> An
     Layouts are compiled once: batches of the same shapes share one builder."""
     builder = _builders.get(layout)
     if builder is None:
-        tree = msgpack.unpackb(layout, raw=False, strict_map_key=False, use_list=True)
-        builder = _compile(tree)
+        try:
+            builder = _compile(msgpack.unpackb(layout, raw=False, strict_map_key=False,
+                                               use_list=True))
+        except BatchFormatError:
+            raise
+        except Exception as exc:  # a layout comes off a socket: any malformation lands here
+            raise BatchFormatError(
+                f"malformed batch layout ({type(exc).__name__}: {exc})") from None
         if len(_builders) >= BUILDER_CACHE_SIZE:
             _builders.clear()
         _builders[layout] = builder
-    return builder(region, copy)
+    try:
+        return builder(region, copy)
+    except (TypeError, ValueError) as exc:  # an array outside the region, a negative shape
+        raise BatchFormatError(
+            f"batch layout does not fit its {region.nbytes}-byte region ({exc})") from None
 
 
 def _compile(node: list[Any]) -> Builder:
     tag = node[0]
     if tag == _ARRAY:
         _, descr, shape, off = node
+        # numpy would take a negative offset and read before the region
+        if type(off) is not int or off < 0 or type(shape) is not list or not all(
+                type(d) is int and d >= 0 for d in shape):
+            raise BatchFormatError(f"array node of shape {shape!r} at offset {off!r}")
         dtype = _dtype(descr)
         shape = tuple(shape)
         if math.prod(shape) * dtype.itemsize == 0:
@@ -296,7 +310,15 @@ def _compile(node: list[Any]) -> Builder:
         return lambda region, copy: value
     if tag == _BYTES:
         _, start, n = node
-        return lambda region, copy: region[start : start + n].tobytes()
+        if type(start) is not int or type(n) is not int or start < 0 or n < 0:
+            raise BatchFormatError(f"bytes node at {start!r} of {n!r} bytes")
+
+        def blob(region: np.ndarray[Any, Any], copy: bool) -> bytes:
+            if start + n > region.nbytes:
+                raise ValueError(f"{n} bytes at {start} lie outside it")
+            return region[start : start + n].tobytes()
+
+        return blob
     if tag == _SCALAR:
         _, descr, raw = node
         scalar = np.frombuffer(raw, _dtype(descr))[0]

@@ -104,6 +104,18 @@ def _is_list(v: Any) -> bool:
     return type(v) is list
 
 
+def _is_item(x: Any) -> bool:
+    return (type(x) is list and len(x) == 8 and type(x[0]) is int and type(x[1]) is int
+            and type(x[2]) is int and x[2] >= 0 and type(x[3]) is int and x[3] >= 0
+            and type(x[4]) is str and type(x[5]) is int and x[5] >= 0 and type(x[6]) is int
+            and x[6] >= 0 and type(x[7]) is bytes)
+
+
+def _is_item_list(v: Any) -> bool:
+    """Ready's items: ``[epoch, pos, index, bid, segment, offset, nbytes, layout]`` each."""
+    return type(v) is list and all(map(_is_item, v))
+
+
 #: Each field type as one Python expression over ``{v}``: compiled per message kind into one
 #: function that checks all its fields at once (a call per field cost ~1.5 us per message).
 _EXPRESSIONS = {
@@ -115,6 +127,7 @@ _EXPRESSIONS = {
     "float": "type({v}) in _NUMBERS",
     "list[uint]": "_is_uint_list({v})",
     "list": "type({v}) is list",
+    "list[item]": "_is_item_list({v})",
 }
 
 
@@ -122,7 +135,8 @@ def _compile_checks(fields: tuple[str, ...]) -> Callable[[list[Any]], bool]:
     """One function: does the array ``[KIND, *values]`` hold exactly these field types?"""
     conds = [f"len(a) == {len(fields) + 1}"]
     conds += [_EXPRESSIONS[t].format(v=f"a[{i + 1}]") for i, t in enumerate(fields)]
-    namespace: dict[str, Any] = {"_is_uint_list": _is_uint_list, "_NUMBERS": (float, int)}
+    namespace: dict[str, Any] = {"_is_uint_list": _is_uint_list, "_is_item_list": _is_item_list,
+                              "_NUMBERS": (float, int)}
     exec(f"def check(a):\n    return {' and '.join(conds)}\n", namespace)
     check: Callable[[list[Any]], bool] = namespace["check"]
     return check
@@ -137,6 +151,7 @@ _CHECKS: dict[str, Check] = {
     "float": _is_float,
     "list[uint]": _is_uint_list,
     "list": _is_list,
+    "list[item]": _is_item_list,
 }
 
 
@@ -305,7 +320,7 @@ class Welcome(Message):
     ring_id: str  # "st_dev:st_ino" of the ring file: a consumer that sees the same file shares it
 
 
-@_message(21, "list")
+@_message(21, "list[item]")
 @dataclass(frozen=True, slots=True)
 class Ready(Message):
     """Batches now readable. Each item is

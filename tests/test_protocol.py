@@ -59,6 +59,14 @@ _valid_values = {
     "float": st.floats(allow_nan=False) | st.integers(-5, 5),
     "list[uint]": st.lists(st.integers(0, 5), max_size=3), "list": st.lists(_values, max_size=2),
 }
+_valid_item = st.tuples(
+    _valid_values["int"], _valid_values["int"], _valid_values["uint"], _valid_values["uint"],
+    _valid_values["str"], _valid_values["uint"], _valid_values["uint"], _valid_values["bytes"],
+).map(list)
+# a valid Ready item list, or one whose single item has one field (or its length) made wrong
+_items = st.lists(_valid_item, max_size=3) | st.builds(
+    lambda item, i, v: [[*item[:i], v, *item[i + 1:]]], _valid_item, st.integers(0, 8), _values)
+_valid_values["list[item]"] = st.lists(_valid_item, max_size=3)
 _type_of = {check: name for name, check in _CHECKS.items()}
 
 
@@ -75,6 +83,8 @@ def test_each_kinds_compiled_check_agrees_with_its_field_checks(data: st.DataObj
         i = data.draw(st.integers(0, len(values)))
         if i == len(values):
             values.append(data.draw(_values))
+        elif _type_of[checks[i]] == "list[item]":
+            values[i] = data.draw(_items | _values)
         else:
             values[i] = data.draw(_values)
     expected = len(values) == len(checks) and all(

@@ -1,0 +1,181 @@
+"""A client trusts nothing its server sends: a malformed announcement raises ProtocolError that
+names the batch, never an IndexError, a read outside the announced bytes, or a file that is not
+one of the server's own segments."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from client._batches import FrameBatches, ShmBatches
+from dataserver import layout
+from dataserver.client import ProtocolError, RemoteSequence
+from dataserver.protocol import VERSION, Hello, Ready, Want, Welcome, decode, encode
+
+pytestmark = pytest.mark.timeout(120)
+
+SERVER_ID = "abc"
+RING = f"dataserver-{SERVER_ID}-ring"
+RING_BYTES = 4096
+GOOD = layout.plan((np.arange(4, dtype=np.float32), np.array([7])), 0)
+REFUSED = (ProtocolError, layout.BatchFormatError)
+
+
+@pytest.fixture
+def ring(tmp_path: Path) -> ShmBatches:
+    (tmp_path / RING).write_bytes(np.arange(RING_BYTES, dtype=np.uint8).tobytes())
+    (tmp_path / "secret").write_bytes(b"not the server's")
+    return ShmBatches(tmp_path, RING, SERVER_ID, copy=False)
+
+
+def _item(**change: Any) -> list[Any]:
+    item = [0, 0, 0, 1, "", 0, GOOD.nbytes, GOOD.layout]
+    for i, v in change.items():
+        item[int(i[1:])] = v
+    return item
+
+
+@pytest.mark.parametrize("field, bad", [
+    (0, "0"), (1, 0.5), (2, -1), (3, -1), (4, b"ring"), (5, -1), (6, -4096), (7, "layout"),
+    (8, b"extra"),
+])
+def test_a_ready_item_with_one_bad_field_is_refused(field: int, bad: Any) -> None:
+    item = _item()
+    assert isinstance(decode(msgpack.packb([Ready.KIND, [item]])), Ready)
+    item[field:field + 1] = [bad]
+    with pytest.raises(ProtocolError, match="Ready field 'items'"):
+        decode(msgpack.packb([Ready.KIND, [_item(), item]]))
+
+
+def test_a_well_formed_announcement_builds(ring: ShmBatches) -> None:
+    """The control for the refusals below: the same item, unaltered, builds its batch."""
+    x, y = ring.build(_item())
+    assert x.dtype == np.float32 and x.shape == (4,) and y.shape == (1,)
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"f4": "../secret"}, "not one of its own"),
+    ({"f4": "dataserver-other-big-1"}, "not one of its own"),
+    ({"f4": f"dataserver-{SERVER_ID}-/../../secret"}, "not one of its own"),
+    ({"f5": RING_BYTES - 8}, "lie outside the 4096-byte segment ring"),
+    ({"f6": RING_BYTES + 1}, "lie outside"),
+    ({"f7": b"\xc1"}, "malformed batch layout"),
+    ({"f7": msgpack.packb([0, "<f4"])}, "malformed batch layout"),
+    ({"f7": msgpack.packb([0, "<f4", [4096], 0])}, "does not fit its"),
+    ({"f7": msgpack.packb([0, "<f4", [-1, -1], 0])}, "array node of shape"),
+    ({"f7": msgpack.packb([0, "<f4", [1], -64])}, "array node of shape"),
+    ({"f7": msgpack.packb([0, "not a dtype", [1], 0])}, "malformed batch layout"),
+    ({"f7": msgpack.packb([5, -1, 3])}, "bytes node"),
+    ({"f7": msgpack.packb([5, 0, 999])}, "does not fit its"),
+    ({"f7": msgpack.packb([99])}, "unknown layout node"),
+])
+def test_a_hostile_announcement_is_refused(ring: ShmBatches, change: dict[str, Any],
+                                           why: str) -> None:
+    with pytest.raises(REFUSED, match=why):
+        ring.build(_item(**change))
+
+
+def test_a_ring_name_outside_the_servers_files_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_bytes(b"x")
+    with pytest.raises(ProtocolError, match="not one of its own"):
+        ShmBatches(tmp_path, "secret", SERVER_ID, copy=False)
+
+
+_scalars = st.one_of(st.integers(-2, 5000), st.text(max_size=4), st.binary(max_size=4),
+                     st.none(), st.sampled_from(["<f4", "|u1", "<i8", "|V3"]))
+_nodes = st.recursive(
+    _scalars, lambda kids: st.one_of(
+        st.lists(kids, max_size=4),
+        st.tuples(st.integers(0, 7), st.lists(kids, max_size=3)).map(lambda t: [t[0], *t[1]]),
+        st.tuples(st.just(0), st.sampled_from(["<f4", "|u1", "<c8"]),
+                  st.lists(st.integers(-2, 3000), max_size=3), st.integers(-64, 5000)).map(list),
+    ), max_leaves=10)
+
+
+@settings(max_examples=400, deadline=None)
+@given(tree=_nodes, offset=st.integers(0, 2 * RING_BYTES), nbytes=st.integers(0, RING_BYTES))
+def test_fuzzed_layouts_build_or_are_refused(tmp_path_factory: pytest.TempPathFactory,
+                                             tree: Any, offset: int, nbytes: int) -> None:
+    """Whatever the layout and placement, building either succeeds with arrays inside the
+    announced bytes or raises one of the client's errors."""
+    tmp = tmp_path_factory.mktemp("ring")
+    (tmp / RING).write_bytes(bytes(RING_BYTES))
+    for batches, item in (
+        (ShmBatches(tmp, RING, SERVER_ID, copy=False),
+         _item(f5=offset, f6=nbytes, f7=msgpack.packb(tree))),
+        (FrameBatches(copy=False),
+         [*_item(f6=nbytes, f7=msgpack.packb(tree)), zmq.Frame(bytes(nbytes))]),
+    ):
+        try:
+            batch = batches.build(item)
+        except REFUSED:
+            continue
+        leaves = [batch]
+        while leaves:
+            leaf = leaves.pop()
+            if isinstance(leaf, (list, tuple)):
+                leaves.extend(leaf)
+            elif isinstance(leaf, dict):
+                leaves.extend(leaf.values())
+            elif isinstance(leaf, np.ndarray) and leaf.base is not None:
+                assert leaf.nbytes <= nbytes
+
+
+def _fake_server(endpoint: str, ready: list[Any], frames: list[bytes],
+                 stop: threading.Event) -> tuple[zmq.Context[Any], threading.Thread]:
+    """A server that welcomes a frames consumer and answers its first Want with ``ready``."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(endpoint)
+
+    def serve() -> None:
+        try:
+            while not stop.is_set():
+                if not router.poll(20):
+                    continue
+                cid, data = router.recv_multipart()
+                msg = decode(data)
+                if isinstance(msg, Hello):
+                    welcome = Welcome(VERSION, SERVER_ID, "default", 4, False, 0, "", "", 0, 0,
+                                      2, 0, 0, 5.0, False, "")
+                    router.send_multipart([cid, encode(welcome)])
+                elif isinstance(msg, Want):
+                    router.send_multipart([cid, msgpack.packb([Ready.KIND, ready]), *frames])
+        finally:
+            router.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return ctx, thread
+
+
+@pytest.mark.parametrize("ready, frames, why", [
+    ([[0, 0, 0, 1, "", 0, 4096, msgpack.packb([0, "<f4", [1024], 0])]], [b"abcd"],
+     "batch 0 \\(epoch 0\\) is malformed: batch layout does not fit its 4-byte region"),
+    ([[0, 0, 0, 1, "", 0, 4]], [b"abcd"], "Ready field 'items' has a bad value"),
+    ([[0, 0, 0, 1, "", 0, 4, GOOD.layout]], [], "batch frames do not match"),
+])
+def test_a_consumer_names_what_a_hostile_server_sent(isolated: dict[str, Path],
+                                                     ready: list[Any], frames: list[bytes],
+                                                     why: str) -> None:
+    endpoint = f"ipc://{isolated['runtime']}/hostile.sock"
+    stop = threading.Event()
+    ctx, thread = _fake_server(endpoint, ready, frames, stop)
+    try:
+        with RemoteSequence(endpoint, transport="frames", timeout=5) as seq, \
+                pytest.raises(ProtocolError, match=why):
+            seq[0]
+    finally:
+        stop.set()
+        thread.join(5)
+        ctx.term()
+        Path(endpoint.removeprefix("ipc://")).unlink()  # libzmq leaves the socket file
