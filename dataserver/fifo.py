@@ -18,8 +18,10 @@ beside the socket, never the only one. The FIFOs live in the server's private ru
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
+import stat
 import struct
 
 __all__ = ["MAX_MESSAGE", "Inbox", "Outbox"]
@@ -28,6 +30,18 @@ _HEADER = struct.Struct("<II")
 #: Longest message a FIFO carries; longer ones go over ZeroMQ.
 MAX_MESSAGE = getattr(select, "PIPE_BUF", 512) - _HEADER.size
 _READ_BYTES = 1 << 16
+
+
+def _open_fifo(path: str, flags: int) -> int:
+    """Open ``path`` only if it is a FIFO: its name may come off a socket, and writing records
+    into a regular file (or opening a device) named by a hostile server would do harm."""
+    if not stat.S_ISFIFO(os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, f"{path} is not a FIFO")
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):  # swapped since the check
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{path} is not a FIFO")
+    return fd
 
 
 class Inbox:
@@ -40,9 +54,9 @@ class Inbox:
         self.created = create
         if create:
             os.mkfifo(path, 0o600)
-        self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        self.fd = _open_fifo(path, os.O_RDONLY)
         keep = create if keep is None else keep
-        self._keep = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC) if keep else -1
+        self._keep = _open_fifo(path, os.O_WRONLY) if keep else -1
         self._rest = b""
         self.ended = False  # every writer closed it (only when not created here)
 
@@ -90,7 +104,7 @@ class Outbox:
     """A writing end. ``send`` returns False when the caller must use its socket instead."""
 
     def __init__(self, path: str, token: int) -> None:
-        self.fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        self.fd = _open_fifo(path, os.O_WRONLY)
         self.token = token
 
     def send(self, data: bytes) -> bool:

@@ -16,9 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from client._batches import FrameBatches, ShmBatches
+from client._channel import Channel
 from dataserver import layout
 from dataserver.client import ProtocolError, RemoteSequence
-from dataserver.protocol import VERSION, Hello, Ready, Want, Welcome, decode, encode
+from dataserver.fifo import Inbox, Outbox
+from dataserver.protocol import VERSION, Hello, Pipes, Ready, Want, Welcome, decode, encode
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -179,3 +181,22 @@ def test_a_consumer_names_what_a_hostile_server_sent(isolated: dict[str, Path],
         thread.join(5)
         ctx.term()
         Path(endpoint.removeprefix("ipc://")).unlink()  # libzmq leaves the socket file
+
+
+def test_pipes_that_are_not_fifos_are_never_opened_for_writing(isolated: dict[str, Path],
+                                                               tmp_path: Path) -> None:
+    """A Pipes message names files the client opens, one of them for writing: a server that
+    names a regular file (the user's, say) must not get records written into it."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    for make in (lambda: Outbox(str(victim), 1), lambda: Inbox(str(victim), create=False)):
+        with pytest.raises(OSError, match="not a FIFO"):
+            make()
+    channel = Channel(f"ipc://{isolated['runtime']}/nobody.sock", None)
+    try:
+        channel.open_pipes(Pipes(str(victim), str(victim), 1))
+        assert channel.up is None and channel.down is None, "the socket stays the only path"
+        channel.send(Want(0, 0, 1, 1, False))
+    finally:
+        channel.close([])
+    assert victim.read_bytes() == b"keep me"
