@@ -155,7 +155,9 @@ def create(path: Path, size: int, what: str) -> Segment:
 def attach(path: Path, writable: bool) -> Segment:
     """Map an existing segment (read-only for consumers)."""
     try:
-        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        # O_NONBLOCK: a name off a socket could be a FIFO, whose open would block
+        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+                     | os.O_NONBLOCK)
     except OSError as exc:
         raise SharedMemoryError(
             f"cannot open shared-memory segment {path}: {exc.strerror}. The consumer must see "
@@ -163,7 +165,10 @@ def attach(path: Path, writable: bool) -> Segment:
             "(docker --ipc=container:<server>, or one Kubernetes pod)"
         ) from None
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SharedMemoryError(f"{path} is not a shared-memory segment (not a file)")
+        size = st.st_size
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
     finally:

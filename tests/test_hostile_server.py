@@ -4,6 +4,7 @@ one of the server's own segments."""
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from client._batches import FrameBatches, ShmBatches
 from client._channel import Channel
 from dataserver import layout
-from dataserver.client import ProtocolError, RemoteSequence
+from dataserver.client import ProtocolError, RemoteSequence, SharedMemoryError
 from dataserver.fifo import Inbox, Outbox
 from dataserver.protocol import VERSION, Hello, Pipes, Ready, Want, Welcome, decode, encode
 
@@ -89,6 +90,13 @@ def test_a_ring_name_outside_the_servers_files_is_refused(tmp_path: Path) -> Non
     (tmp_path / "secret").write_bytes(b"x")
     with pytest.raises(ProtocolError, match="not one of its own"):
         ShmBatches(tmp_path, "secret", SERVER_ID, copy=False)
+
+
+def test_a_ring_that_is_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
+    """Opening a FIFO to read blocks until someone writes: the client would hang."""
+    os.mkfifo(tmp_path / RING)
+    with pytest.raises(SharedMemoryError, match="not a shared-memory segment"):
+        ShmBatches(tmp_path, RING, SERVER_ID, copy=False)
 
 
 _scalars = st.one_of(st.integers(-2, 5000), st.text(max_size=4), st.binary(max_size=4),
