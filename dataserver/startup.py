@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +41,12 @@ log = logging.getLogger("dataserver")
 WORKER_QUEUE_DEPTH = 2
 #: Slots are this much bigger than the largest probe batch, for batches that vary a little.
 SLOT_HEADROOM = 1.25
+#: The server process's GIL switch interval with thread workers (CPython's default is 5 ms).
+#: A worker thread running Python keeps the GIL until the interval ends, so the server's
+#: thread learned of a finished batch up to 5 ms late and consumers got batches in bursts
+#: (measured at 2 ms of Python per batch: 30% of waits 4.5-9 ms at 5 ms; at 0.1 ms the
+#: waits are even, 2-4 ms, and batches/s rose from 443 to 489 against 490 inline).
+THREAD_SWITCH_INTERVAL_S = 1e-4
 
 
 class StartUp(WorkerSide):
@@ -146,6 +153,8 @@ class StartUp(WorkerSide):
             on_epoch_end=not thread, log_level=logging.getLevelName(log.getEffectiveLevel()),
             secret=self._secret, answers=self.answers.path, server_pid=os.getpid(),
         )
+        if thread:
+            sys.setswitchinterval(THREAD_SWITCH_INTERVAL_S)
         self.pool = self._ray_pool(template) if cfg.backend == "ray" else Pool(
             template, cfg.start_method)
         self.sched.worker_count = cfg.workers
