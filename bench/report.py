@@ -19,7 +19,8 @@ LABELS = {"inline": "inline", "ring": "one-copy ring", "process": "dataserver pr
           "ray-frames": "dataserver Ray actors (frames over TCP)",
           "keras-proc": "Keras PyDataset processes", "keras-thread": "Keras PyDataset threads",
           "torch": "PyTorch DataLoader"}
-FIGURES = ("batches_per_s", "gb_per_s", "ttfb_s", "ttfb2_s", "stall_s",
+FIGURES = ("batches_per_s", "gb_per_s", "ttfb_s", "ttfb2_s", "stall_s", "ttfb2_worst_s",
+           "stall_worst_s",
            "boundary_wait_s", "mean_wait_s", "startup_s", "connect_s",
            "epoch1_batches_per_s", "epoch2_after_first_batches_per_s", "worker_uss",
            "consumer_rss", "server_uss")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import chart, memory, report, targets
-from bench.contenders import CONTENDERS, OPTIONAL, RAY, RING_PREFIX, measure
+from bench.contenders import CONTENDERS, EXTRA_EPOCHS, OPTIONAL, RAY, RING_PREFIX, measure
 from bench.workload import Checker, Workload
 
 __all__ = ["GRID", "main"]
@@ -265,10 +265,13 @@ def notes(a: argparse.Namespace, raw: list[dict[str, Any]], left: dict[str, Any]
         "- first batch, epoch 1: from iter() (Keras: on_epoch_begin()) to the first batch; the "
         "dataserver was started and connected beforehand, the peers start their workers here. "
         "First batch, epoch 2: the same from just after epoch 1 ended. Boundary wait: last "
-        "batch of epoch 1 consumed -> first batch of epoch 2 received; mean wait: the mean "
-        "time epoch 2's other batches were waited for; epoch-end stall: the boundary wait "
-        "minus the mean wait, what the boundary adds (where the workers are the bottleneck the "
-        "consumer waits for every batch, boundary or not)",
+        "batch of an epoch consumed -> first batch of the next received; mean wait: the mean "
+        "time the next epoch's other batches were waited for; epoch-end stall: the boundary "
+        "wait minus the mean wait, what the boundary adds (where the workers are the "
+        "bottleneck the consumer waits for every batch, boundary or not). For the dataserver "
+        f"these are medians over the boundaries into epochs 2 to {2 + EXTRA_EPOCHS} (one "
+        "boundary is one sample of a wait that varies by milliseconds where the workers are "
+        "the bottleneck; the worst is in the JSON and the targets), for the peers epoch 2's",
         "- worker USS: median over a contender's worker processes at the end of epoch 2 (the "
         "dataserver's once its workers are idle, like PyTorch's there; they go on making the "
         "next epoch's first batches) "
