@@ -22,6 +22,7 @@ class RingCache:
     by_bid: dict[int, Entry]
     cached: OrderedDict[int, Entry]  # bid -> READY, unleased, in ring
     slots: int
+    reach: int  # positions ahead of a consumer whose cached batches are kept for it
     free_slots: deque[int]
     quarantined: set[int]
     to_unlink: list[str]
@@ -31,28 +32,38 @@ class RingCache:
         if slot >= 0 and slot not in self.quarantined:
             self.free_slots.append(slot)
 
-    def _behind(self) -> dict[int, tuple[int, int]]:
-        """Per dataset, the (epoch, position) every consumer of it has asked beyond: a cached
-        batch before it is needed by none of them."""
-        low: dict[int, tuple[int, int]] = {}
+    def _reach(self) -> dict[int, list[tuple[int, int]]]:
+        """Per dataset, the global positions ``[from, to)`` (``epoch * length + position``) each
+        live consumer reads next and the ring can keep cached for it: from where it has asked
+        up to (it needs nothing before that cached), ``reach`` of its shard's positions on."""
+        spans: dict[int, list[tuple[int, int]]] = {}
         for c in self.consumers.values():
             if not c.gone:
-                at = (c.epoch, c.position)
-                low[c.ds] = min(low.get(c.ds, at), at)
-        return low
+                g = c.epoch * self.datasets[c.ds].length + c.position
+                spans.setdefault(c.ds, []).append((g, g + self.reach * c.step))
+        return spans
 
-    def _evict(self, needed_too: bool, low: dict[int, tuple[int, int]]) -> int:
-        """Free a cached batch's slot: the oldest one no consumer still needs, or (``needed_too``,
-        for a consumer blocked on its next batch) the oldest of all. -1 if none qualifies.
+    def _evict(self, needed_too: bool, spans: dict[int, list[tuple[int, int]]]) -> int:
+        """Free a cached batch's slot: the oldest one no consumer will read within its reach,
+        or (``needed_too``, for a consumer blocked on its next batch) the oldest of all. -1 if
+        none qualifies.
 
-        Not evicting what a lagging consumer will read is the backpressure: a consumer far
+        Not evicting what a lagging consumer will read soon is the backpressure: a consumer
         ahead of the others then waits for slots (or, blocked, gets its batch in a one-off
         segment), so the others catch up instead of every batch being made once per consumer.
-        ``low`` is :meth:`_behind`, computed once per dispatch.
+        Only soon, though: a batch further ahead of a consumer than ``reach`` positions would
+        hold its slot while that consumer needs slots for everything before it, so it goes
+        and is made again if wanted (a consumer joining after another left would otherwise
+        find the ring full of the other's last batches and get one batch at a time).
+        ``spans`` is :meth:`_reach`, computed once per dispatch.
         """
         victim = None
         for e in self.cached.values():
-            if e.pos < 0 or e.ds not in low or (e.epoch, e.pos) < low[e.ds]:
+            if e.pos < 0:
+                victim = e
+                break
+            g = e.epoch * self.datasets[e.ds].length + e.pos
+            if not any(a <= g < b for a, b in spans.get(e.ds, ())):
                 victim = e
                 break
         if victim is None and needed_too and self.cached:

@@ -192,7 +192,7 @@ class Dispatch(Streams):
     def dispatch(self) -> None:
         now = time.monotonic()
         depth = self._depth()
-        low: dict[int, tuple[int, int]] | None = None  # consumers do not move while we dispatch
+        spans: dict[int, list[tuple[int, int]]] | None = None  # consumers do not move meanwhile
         while self.pending:
             e = self.pending[0]
             if e.state != PENDING:
@@ -218,8 +218,8 @@ class Dispatch(Streams):
             else:
                 slot = -1
                 if self.cached:
-                    low = self._behind() if low is None else low
-                    slot = self._evict(e.urgent or e.keep, low)
+                    spans = self._reach() if spans is None else spans
+                    slot = self._evict(e.urgent or e.keep, spans)
                 # no slot: a one-off segment for a blocked consumer (or before the ring exists)
                 if slot < 0 and not (e.urgent or e.keep or self.slots == 0):
                     return

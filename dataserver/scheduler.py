@@ -63,6 +63,7 @@ class Scheduler(Dispatch):
         self.pending: deque[Entry] = deque()
         self.slots = 0
         self.slot_bytes = 0
+        self.reach = 0
         self.free_slots: deque[int] = deque()
         self.quarantined: set[int] = set()
         self.consumers: dict[bytes, ConsumerState] = {}
@@ -90,9 +91,13 @@ class Scheduler(Dispatch):
         e.keep = e.probe = True
         return e
 
-    def set_ring(self, slots: int, slot_bytes: int) -> None:
+    def set_ring(self, slots: int, slot_bytes: int, prefetch: int = 0) -> None:
+        """The ring's geometry. Cached batches are kept for a consumer up to ``slots -
+        prefetch`` positions ahead of what it asked for: the rest of the ring must stay free
+        for its prefetch."""
         self.slots = slots
         self.slot_bytes = slot_bytes
+        self.reach = max(0, slots - prefetch)
         self.free_slots = deque(range(slots))
 
     # --- consumers --------------------------------------------------------------------------
@@ -134,7 +139,7 @@ class Scheduler(Dispatch):
         if c.waiting + len(positions) > MAX_WAITING:
             return f"more than {MAX_WAITING} batches wanted and not yet announced"
         order = d.order(epoch)
-        c.epoch, c.position = epoch, start
+        c.epoch, c.position, c.step = epoch, start, step
         if urgent and c.frames:  # before the waits: what is ready may go at once
             c.order.blocked_at(epoch, start)
         for pos in positions:

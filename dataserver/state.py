@@ -148,7 +148,8 @@ class ConsumerState:
     leases: Counter[int] = field(default_factory=Counter)
     waiting: int = 0
     epoch: int = 0
-    position: int = 0
+    position: int = 0  # it asked for every position of ``epoch`` before this
+    step: int = 1  # its shard's stride (world size)
     gone: bool = False  # said Bye but still holds views (leases kept until its pid exits)
     frames: bool = False  # gets batch bytes as ZeroMQ frames (cannot map the ring)
     order: SendOrder = field(default_factory=SendOrder)  # frames only: send in position order
