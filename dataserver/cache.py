@@ -34,38 +34,51 @@ class RingCache:
 
     def _reach(self) -> dict[int, list[tuple[int, int]]]:
         """Per dataset, the global positions ``[from, to)`` (``epoch * length + position``) each
-        live consumer reads next and the ring can keep cached for it: from where it has asked
-        up to (it needs nothing before that cached), ``reach`` of its shard's positions on."""
+        live consumer reads next and the ring could keep cached for it: from where it has
+        asked up to (it needs nothing before that cached), ``reach`` of its shard's positions
+        on (a batch further ahead cannot stay cached until it gets there)."""
         spans: dict[int, list[tuple[int, int]]] = {}
         for c in self.consumers.values():
             if not c.gone:
-                g = c.epoch * self.datasets[c.ds].length + c.position
+                g = c.epoch * self.datasets[c.ds].length + c.asked
                 spans.setdefault(c.ds, []).append((g, g + self.reach * c.step))
         return spans
 
-    def _evict(self, needed_too: bool, spans: dict[int, list[tuple[int, int]]]) -> int:
-        """Free a cached batch's slot: the oldest one no consumer will read within its reach,
-        or (``needed_too``, for a consumer blocked on its next batch) the oldest of all. -1 if
+    def _at(self, e: Entry) -> int:
+        return e.epoch * self.datasets[e.ds].length + e.pos
+
+    def _victim(self, task: Entry, spans: dict[int, list[tuple[int, int]]]) -> Entry | None:
+        """The cached batch to give up for ``task``: the oldest one no consumer will read
+        within its reach; else, of those the consumers will read, the furthest one that lies
+        after ``task`` in the same order (whoever reads it reads the task first); else none:
+        every cached batch will be read before the task, so the task waits for them."""
+        for e in self.cached.values():
+            if e.pos < 0 or not any(a <= self._at(e) < b for a, b in spans.get(e.ds, ())):
+                return e
+        if task.pos < 0:
+            return None
+        at = self._at(task)
+        best, best_at = None, at
+        for e in self.cached.values():
+            if e.ds == task.ds and self._at(e) > best_at:
+                best, best_at = e, self._at(e)
+        return best
+
+    def _evict(self, task: Entry, spans: dict[int, list[tuple[int, int]]]) -> int:
+        """Free a cached batch's slot for ``task`` (see :meth:`_victim`), or, for a consumer
+        blocked on it (``task.urgent``) or the slot-sizing batch, the oldest of all. -1 if
         none qualifies.
 
-        Not evicting what a lagging consumer will read soon is the backpressure: a consumer
-        ahead of the others then waits for slots (or, blocked, gets its batch in a one-off
-        segment), so the others catch up instead of every batch being made once per consumer.
-        Only soon, though: a batch further ahead of a consumer than ``reach`` positions would
-        hold its slot while that consumer needs slots for everything before it, so it goes
-        and is made again if wanted (a consumer joining after another left would otherwise
-        find the ring full of the other's last batches and get one batch at a time).
-        ``spans`` is :meth:`_reach`, computed once per dispatch.
+        Not evicting what a lagging consumer reads before the task is the backpressure: a
+        consumer ahead of the others then waits for slots (or, blocked, gets its batch in a
+        one-off segment), so the others catch up instead of every batch being made once per
+        consumer. A laggard's own tasks come before what it will read later, so it is never
+        held up by batches kept for it (a consumer joining after another left would find the
+        ring full of the other's last batches), and batches beyond every consumer's reach are
+        not kept at all. ``spans`` is :meth:`_reach`, computed once per dispatch.
         """
-        victim = None
-        for e in self.cached.values():
-            if e.pos < 0:
-                victim = e
-                break
-            g = e.epoch * self.datasets[e.ds].length + e.pos
-            if not any(a <= g < b for a, b in spans.get(e.ds, ())):
-                victim = e
-                break
+        needed_too = task.urgent or task.keep
+        victim = self._victim(task, spans)
         if victim is None and needed_too and self.cached:
             victim = next(iter(self.cached.values()))
             self.stats["evicted_needed"] += 1

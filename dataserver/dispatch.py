@@ -219,7 +219,7 @@ class Dispatch(Streams):
                 slot = -1
                 if self.cached:
                     spans = self._reach() if spans is None else spans
-                    slot = self._evict(e.urgent or e.keep, spans)
+                    slot = self._evict(e, spans)
                 # no slot: a one-off segment for a blocked consumer (or before the ring exists)
                 if slot < 0 and not (e.urgent or e.keep or self.slots == 0):
                     return

@@ -91,13 +91,13 @@ class Scheduler(Dispatch):
         e.keep = e.probe = True
         return e
 
-    def set_ring(self, slots: int, slot_bytes: int, prefetch: int = 0) -> None:
-        """The ring's geometry. Cached batches are kept for a consumer up to ``slots -
-        prefetch`` positions ahead of what it asked for: the rest of the ring must stay free
-        for its prefetch."""
+    def set_ring(self, slots: int, slot_bytes: int) -> None:
+        """The ring's geometry. Cached batches are kept for a consumer up to ``slots``
+        positions ahead of what it asked for: further ahead, they could not stay cached until
+        it got there."""
         self.slots = slots
         self.slot_bytes = slot_bytes
-        self.reach = max(0, slots - prefetch)
+        self.reach = slots
         self.free_slots = deque(range(slots))
 
     # --- consumers --------------------------------------------------------------------------
@@ -139,7 +139,7 @@ class Scheduler(Dispatch):
         if c.waiting + len(positions) > MAX_WAITING:
             return f"more than {MAX_WAITING} batches wanted and not yet announced"
         order = d.order(epoch)
-        c.epoch, c.position, c.step = epoch, start, step
+        c.epoch, c.position, c.asked, c.step = epoch, start, stop, step
         if urgent and c.frames:  # before the waits: what is ready may go at once
             c.order.blocked_at(epoch, start)
         for pos in positions:
@@ -195,7 +195,7 @@ class Scheduler(Dispatch):
         c = self.consumers.get(cid)
         if c is None:
             return
-        c.epoch, c.position = epoch + 1, 0
+        c.epoch, c.position, c.asked = epoch + 1, 0, 0
         self._drop_waits(c, lambda e: e.epoch <= epoch)
 
     def remove_consumer(self, cid: bytes, keep: list[int] | None = None) -> None:

@@ -222,7 +222,7 @@ class StartUp(WorkerSide):
                                f"a ring of {slots} slots x {shm.format_bytes(slot_bytes)}")
         ring_stat = os.stat(self.shm_dir / self.ring_name)
         self.ring_id = f"{ring_stat.st_dev}:{ring_stat.st_ino}"
-        self.sched.set_ring(slots, slot_bytes, self.prefetch)
+        self.sched.set_ring(slots, slot_bytes)
         log.info("ring: %d slots x %s in %s; prefetch %d", slots, shm.format_bytes(slot_bytes),
                  self.shm_dir / self.ring_name, self.prefetch)
         for w in self.sched.workers.values():

@@ -148,7 +148,8 @@ class ConsumerState:
     leases: Counter[int] = field(default_factory=Counter)
     waiting: int = 0
     epoch: int = 0
-    position: int = 0  # it asked for every position of ``epoch`` before this
+    position: int = 0  # where its latest Want starts
+    asked: int = 0  # it asked for every position of ``epoch`` before this (its Want's stop)
     step: int = 1  # its shard's stride (world size)
     gone: bool = False  # said Bye but still holds views (leases kept until its pid exits)
     frames: bool = False  # gets batch bytes as ZeroMQ frames (cannot map the ring)

@@ -1,5 +1,6 @@
-"""Which cached batch gives up its slot (scheduler bookkeeping only): batches a consumer reads
-soon are kept for it (backpressure on the others), batches beyond its reach are not."""
+"""Which cached batch gives up its slot (scheduler bookkeeping only): batches a lagging consumer
+reads before the task are kept for it (backpressure on the others), its own tasks come first,
+and batches beyond every consumer's reach (the ring's size) are kept for nobody."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from dataserver.scheduler import ConsumerState, Dataset, Scheduler, WorkerState
 LENGTH = 20
 
 
-def _scheduler(slots: int, prefetch: int) -> Scheduler:
+def _scheduler(slots: int) -> Scheduler:
     s = Scheduler([Dataset("train", LENGTH)], max_retries=1, depth=8, barrier=[False])
-    s.set_ring(slots, 4096, prefetch)
+    s.set_ring(slots, 4096)
     for wid in (1, 2):
         s.add_worker(WorkerState(wid, wid - 1, ready=True))
     return s
@@ -47,7 +48,7 @@ def test_a_consumer_joining_after_another_left_gets_the_ring() -> None:
     """The one who left filled the ring with the end of epoch 2; the newcomer starts epoch 0
     and will not read those for 40 positions: they must not keep their slots from it (they
     did, and it got one batch at a time, each after an urgent want: 20x slower)."""
-    s = _scheduler(slots=6, prefetch=4)
+    s = _scheduler(slots=6)
     _join(s, b"a")
     _read(s, b"a", 2, 14, 20)
     assert len(_cached(s)) == 6 and not s.free_slots
@@ -58,10 +59,10 @@ def test_a_consumer_joining_after_another_left_gets_the_ring() -> None:
     assert s.stats["evicted"] == 4 and not s.stats["evicted_needed"]
 
 
-def test_batches_a_lagging_consumer_reads_soon_are_kept_for_it() -> None:
-    """Backpressure: the fast consumer gets slots from batches the laggard will not read
-    within its reach (slots - prefetch = 4 positions), never from those it will."""
-    s = _scheduler(slots=6, prefetch=2)
+def test_batches_a_lagging_consumer_reads_first_are_kept_for_it() -> None:
+    """Backpressure: the fast consumer's next batches wait while every slot holds one the
+    laggard reads before them."""
+    s = _scheduler(slots=6)
     _join(s, b"fast")
     _read(s, b"fast", 0, 0, 6)
     _join(s, b"slow")
@@ -69,5 +70,35 @@ def test_batches_a_lagging_consumer_reads_soon_are_kept_for_it() -> None:
     assert len(s.out_ready.pop(b"slow")) == 2
     assert _cached(s) == {(0, 2), (0, 3), (0, 4), (0, 5)}
     assert s.want(b"fast", 0, 6, 10, 1, False) is None
-    assert sorted(index for _w, _b, index in _dispatched(s)) == [6, 7]
-    assert _cached(s) == {(0, 2), (0, 3)}, "the laggard's next two stay for it"
+    assert _dispatched(s) == []
+    assert _cached(s) == {(0, 2), (0, 3), (0, 4), (0, 5)}, "kept for the laggard"
+
+
+def test_batches_beyond_every_consumers_reach_are_kept_for_nobody() -> None:
+    """A laggard joins 8 positions behind a 4-slot ring's batches: they could not stay cached
+    until it got there, so they do not hold the fast consumer back."""
+    s = _scheduler(slots=4)
+    _join(s, b"fast")
+    for start in (0, 4, 8):
+        _read(s, b"fast", 0, start, start + 4)
+    _join(s, b"slow")  # at position 0: reach [0, 4)
+    assert _cached(s) == {(0, 8), (0, 9), (0, 10), (0, 11)}
+    assert s.want(b"fast", 0, 12, 16, 1, False) is None
+    assert sorted(index for _w, _b, index in _dispatched(s)) == [12, 13, 14, 15]
+
+
+def test_a_laggards_task_takes_the_slot_of_the_batch_read_last() -> None:
+    """Every cached batch is one a consumer will read, all after the laggard's task: the one
+    furthest along goes (the others are read sooner), not the oldest."""
+    s = _scheduler(slots=6)
+    _join(s, b"fast")
+    _read(s, b"fast", 0, 1, 7)
+    _join(s, b"slow")  # reach [0, 6)
+    _join(s, b"mid")
+    assert s.want(b"mid", 0, 3, 4, 1, False) is None  # a cache hit; it asked up to 4: [4, 10)
+    s.out_ready.clear()
+    assert _cached(s) == {(0, 1), (0, 2), (0, 4), (0, 5), (0, 6)}
+    assert not s.free_slots
+    assert s.want(b"slow", 0, 0, 1, 1, False) is None
+    assert [index for _w, _b, index in _dispatched(s)] == [0]
+    assert _cached(s) == {(0, 1), (0, 2), (0, 4), (0, 5)}
