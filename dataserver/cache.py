@@ -7,11 +7,18 @@ state these methods use.
 
 from __future__ import annotations
 
+import time
 from collections import Counter, OrderedDict, deque
 
 from dataserver.state import READY, ConsumerState, Dataset, Entry
 
-__all__ = ["RingCache"]
+__all__ = ["IDLE_S", "RingCache", "Spans"]
+
+#: Per dataset, (from, to, stride, rank) of each consumer reading it now (RingCache._reach).
+Spans = dict[int, list[tuple[int, int, int, int]]]
+
+#: A consumer that has asked for nothing this long keeps no cached batches from the others.
+IDLE_S = 1.0
 
 
 class RingCache:
@@ -32,28 +39,37 @@ class RingCache:
         if slot >= 0 and slot not in self.quarantined:
             self.free_slots.append(slot)
 
-    def _reach(self) -> dict[int, list[tuple[int, int]]]:
-        """Per dataset, the global positions ``[from, to)`` (``epoch * length + position``) each
-        live consumer reads next and the ring could keep cached for it: from where it has
-        asked up to (it needs nothing before that cached), ``reach`` of its shard's positions
-        on (a batch further ahead cannot stay cached until it gets there)."""
-        spans: dict[int, list[tuple[int, int]]] = {}
+    def _reach(self) -> Spans:
+        """Per dataset, for each consumer reading it now, the global positions ``[from, to)``
+        (``epoch * length + position``) it reads next and the ring could keep cached for it,
+        with its shard's stride and rank: from where it has asked up to (it needs nothing
+        before that cached), ``reach`` of its shard's positions on (a batch further ahead
+        cannot stay cached until it gets there). A consumer that has asked for nothing for
+        IDLE_S (not started, paused, evaluating elsewhere) is not waited for."""
+        now = time.monotonic()
+        spans: Spans = {}
         for c in self.consumers.values():
-            if not c.gone:
+            if not c.gone and now - c.wanted < IDLE_S:  # wanted: 0.0 if it never asked
                 g = c.epoch * self.datasets[c.ds].length + c.asked
-                spans.setdefault(c.ds, []).append((g, g + self.reach * c.step))
+                spans.setdefault(c.ds, []).append((g, g + self.reach * c.step, c.step, c.phase))
         return spans
+
+    def _needed(self, e: Entry, spans: Spans) -> bool:
+        """Will a consumer reading ``e``'s dataset now read ``e`` within its reach?"""
+        g = self._at(e)
+        return any(a <= g < b and e.pos % step == phase
+                   for a, b, step, phase in spans.get(e.ds, ()))
 
     def _at(self, e: Entry) -> int:
         return e.epoch * self.datasets[e.ds].length + e.pos
 
-    def _victim(self, task: Entry, spans: dict[int, list[tuple[int, int]]]) -> Entry | None:
+    def _victim(self, task: Entry, spans: Spans) -> Entry | None:
         """The cached batch to give up for ``task``: the oldest one no consumer will read
         within its reach; else, of those the consumers will read, the furthest one that lies
         after ``task`` in the same order (whoever reads it reads the task first); else none:
         every cached batch will be read before the task, so the task waits for them."""
         for e in self.cached.values():
-            if e.pos < 0 or not any(a <= self._at(e) < b for a, b in spans.get(e.ds, ())):
+            if e.pos < 0 or not self._needed(e, spans):
                 return e
         if task.pos < 0:
             return None
@@ -64,7 +80,7 @@ class RingCache:
                 best, best_at = e, self._at(e)
         return best
 
-    def _evict(self, task: Entry, spans: dict[int, list[tuple[int, int]]]) -> int:
+    def _evict(self, task: Entry, spans: Spans) -> int:
         """Free a cached batch's slot for ``task`` (see :meth:`_victim`), or, for a consumer
         blocked on it (``task.urgent``) or the slot-sizing batch, the oldest of all. -1 if
         none qualifies.

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+from dataserver.cache import Spans
 from dataserver.protocol import Failed
 from dataserver.state import PENDING, READY, RUNNING, ConsumerState, Entry, WorkerState
 from dataserver.streams import Streams
@@ -192,7 +193,7 @@ class Dispatch(Streams):
     def dispatch(self) -> None:
         now = time.monotonic()
         depth = self._depth()
-        spans: dict[int, list[tuple[int, int]]] | None = None  # consumers do not move meanwhile
+        spans: Spans | None = None  # consumers do not move meanwhile
         while self.pending:
             e = self.pending[0]
             if e.state != PENDING:

@@ -20,6 +20,7 @@ and the cache in :mod:`dataserver.cache`, generator datasets in :mod:`dataserver
 
 from __future__ import annotations
 
+import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
@@ -140,6 +141,7 @@ class Scheduler(Dispatch):
             return f"more than {MAX_WAITING} batches wanted and not yet announced"
         order = d.order(epoch)
         c.epoch, c.position, c.asked, c.step = epoch, start, stop, step
+        c.phase, c.wanted = start % step, time.monotonic()
         if urgent and c.frames:  # before the waits: what is ready may go at once
             c.order.blocked_at(epoch, start)
         for pos in positions:

@@ -150,7 +150,9 @@ class ConsumerState:
     epoch: int = 0
     position: int = 0  # where its latest Want starts
     asked: int = 0  # it asked for every position of ``epoch`` before this (its Want's stop)
-    step: int = 1  # its shard's stride (world size)
+    step: int = 1  # its shard's stride (world size) ...
+    phase: int = 0  # ... and its rank: it reads the positions p with p % step == phase
+    wanted: float = 0.0  # time.monotonic() of its latest Want (0: none yet)
     gone: bool = False  # said Bye but still holds views (leases kept until its pid exits)
     frames: bool = False  # gets batch bytes as ZeroMQ frames (cannot map the ring)
     order: SendOrder = field(default_factory=SendOrder)  # frames only: send in position order
