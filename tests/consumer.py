@@ -1,9 +1,10 @@
 """A consumer process for tests: reads epochs and prints what it saw as JSON.
 
-    python consumer.py ENDPOINT EPOCHS [hold]
+    python consumer.py ENDPOINT EPOCHS [hold | shard=RANK/WORLD]
 
 Prints one JSON line per epoch: [[index, sha1 of x], ...]. With ``hold``, it reads half of the
-first epoch, keeps every batch, prints "holding", and sleeps until killed.
+first epoch, keeps every batch, prints "holding", and sleeps until killed; with ``shard=``, it
+reads that shard.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ from dataserver.client import RemoteSequence
 def main() -> None:
     endpoint, epochs = sys.argv[1], int(sys.argv[2])
     hold = sys.argv[3:] == ["hold"]
-    with RemoteSequence(endpoint, timeout=20) as seq:
+    shard = (0, 1)
+    if sys.argv[3:4] and sys.argv[3].startswith("shard="):
+        rank, world = sys.argv[3].removeprefix("shard=").split("/")
+        shard = (int(rank), int(world))
+    with RemoteSequence(endpoint, timeout=20, shard=shard) as seq:
         kept = []
         for _ in range(epochs):
             seen = []
