@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import numpy as np
 
-from dataserver._proc import pid_alive, pid_namespace
+from dataserver._proc import pid_namespace
 from dataserver.config import default_endpoint
 from dataserver.errors import (
-    ClosedError,
     ProtocolError,
     RemoteError,
-    ServerUnavailable,
     WorkerDiedError,
 )
 from dataserver.layout import BatchFormatError
@@ -30,35 +27,21 @@ from dataserver.protocol import (
     Failed,
     Fetch,
     Hello,
-    Message,
     OpenPipes,
-    Ping,
-    Pipes,
-    Pong,
-    Ready,
-    Refused,
     Release,
-    StreamEnd,
     Take,
     UseFrames,
-    Want,
     Welcome,
-    decode,
 )
 
 from ._batches import FrameBatches, ShmBatches
-from ._channel import POLL_SLICE_MS, Channel
+from ._channel import Channel
 from ._positions import Item, Positions
+from ._receive import Receiver
 
 __all__ = ["RemoteSequence"]
 
-#: Blocked this long on the next batch, ask the server to make it even if every slot is held.
-URGENT_AFTER_S = 0.05
-#: Waiting for a batch with releases held back, send them after this long without news.
-RELEASE_GRACE_MS = 2
-
-
-class RemoteSequence:
+class RemoteSequence(Receiver):
     """A Sequence whose batches a dataserver makes.
 
     Args:
@@ -90,32 +73,27 @@ class RemoteSequence:
                  shard: tuple[int, int] | None = None, resume: dict[str, Any] | None = None,
                  transport: str = "auto", curve_keys: str | None = None,
                  name: str = "") -> None:
-        if timeout <= 0:
-            raise ValueError(f"timeout must be positive seconds, got {timeout}")
-        if transport not in ("auto", "shm", "frames"):
-            raise ValueError(f"transport must be auto, shm or frames, got {transport!r}")
-        if resume is not None:
-            dataset = resume.get("dataset", dataset)
-            saved = tuple(resume.get("shard", (0, 1)))
-            if shard is not None and tuple(shard) != saved:
-                raise ValueError(f"shard={shard} differs from the resumed state's {saved}")
-            shard = (int(saved[0]), int(saved[1]))
-        rank, world = shard or (0, 1)
-        if not (isinstance(world, int) and isinstance(rank, int) and 0 <= rank < world):
-            raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
-        self.shard = (rank, world)
+        dataset, self.shard = _checked_args(dataset, timeout, transport, shard, resume)
         self.endpoint = endpoint or default_endpoint()
         self.copy = copy
         self.timeout = timeout
         self._closed = False
         self._channel = Channel(self.endpoint, curve_keys)
-        try:
+        try:  # connected: whatever fails from here closes the channel again
             label = name or f"{socket.gethostname()}:{os.getpid()}"
-            w = self._channel.hello(Hello(VERSION, dataset, os.getpid(), pid_namespace(), label),
-                                    self.timeout)
+            self._welcomed(self._channel.hello(
+                Hello(VERSION, dataset, os.getpid(), pid_namespace(), label), self.timeout),
+                transport, prefetch)
         except BaseException:
             self._abort()
             raise
+        self._resumed = False
+        if resume is not None:
+            self._resume(resume)
+
+    def _welcomed(self, w: Welcome, transport: str, prefetch: int | None) -> None:
+        """Take the server's Welcome: the dataset's geometry, liveness, the transport."""
+        rank, world = self.shard
         self.dataset = w.dataset
         self.total = w.length  # batches in the whole epoch; len() is this shard's
         self._len = len(range(rank, w.length, world))
@@ -124,7 +102,6 @@ class RemoteSequence:
         self._outstanding = 0  # generator items asked for and not yet received
         self._ended = False
         if not self._len and not self.stream:
-            self._abort()
             raise ValueError(f"shard {rank} of {world} is empty: the dataset has only "
                              f"{w.length} batches")
         self.shuffle = w.shuffle
@@ -141,18 +118,15 @@ class RemoteSequence:
         self.transport = self._choose_transport(transport, w)
         self._batches: ShmBatches | FrameBatches
         if self.transport == "shm" and w.ring:
-            self._batches = ShmBatches(Path(w.shm_dir), w.ring, w.server_id, copy)
+            self._batches = ShmBatches(Path(w.shm_dir), w.ring, w.server_id, self.copy)
             if same_host:
                 self._send(OpenPipes())
         else:
-            self._batches = FrameBatches(copy)
+            self._batches = FrameBatches(self.copy)
             self._channel.frames = True
             self._send(UseFrames())
         self._release_batch = max(1, (self.slots - self.prefetch) // 2)
         self._pos = Positions(self._len, self.shard, self.prefetch)
-        self._resumed = False
-        if resume is not None:
-            self._resume(resume)
 
     def _abort(self) -> None:
         """Construction failed after connecting: leave without a word (nothing is held)."""
@@ -167,88 +141,6 @@ class RemoteSequence:
         except OSError:
             return "frames"
         return "shm" if f"{st.st_dev}:{st.st_ino}" == w.ring_id else "frames"
-
-    # --- messages ---------------------------------------------------------------------------
-
-    def _send(self, msg: Message) -> None:
-        self._channel.send(msg)
-
-    def _flush_releases(self) -> None:
-        if self._batches.releases:
-            self._send(Release(self._batches.take_releases()))
-
-    def _handle(self, data: bytes, frames: list[Any] | None = None) -> None:
-        msg = decode(data)
-        if isinstance(msg, Pipes):
-            self._channel.open_pipes(msg)
-            return
-        if self._channel.frames and isinstance(msg, Ready):  # each item's bytes follow it
-            if frames is None or len(frames) != len(msg.items):
-                raise ProtocolError("batch frames do not match the Ready message")
-            for item, frame in zip(msg.items, frames, strict=True):
-                item.append(frame)
-        elif frames:
-            raise ProtocolError(f"frames follow a {type(msg).__name__} message")
-        if self.stream and isinstance(msg, (Ready, Failed)):
-            items = msg.items if isinstance(msg, Ready) else [msg]
-            self._sbuf.extend(items)
-            self._outstanding -= len(items)
-        elif isinstance(msg, StreamEnd):
-            self._ended = True
-        elif isinstance(msg, Ready):
-            for item in msg.items:
-                self._route(item[0], item[1], item[2], item)
-        elif isinstance(msg, Failed):
-            self._route(msg.epoch, msg.pos, msg.index, msg)
-        elif isinstance(msg, Refused):
-            raise ProtocolError(f"the server refused a request: {msg.reason}")
-        elif not isinstance(msg, Pong):
-            raise ProtocolError(f"unexpected {type(msg).__name__} from the server")
-
-    def _route(self, epoch: int, pos: int, index: int, item: Item) -> None:
-        unneeded = self._pos.route(epoch, pos, index, item)
-        if unneeded is not None:
-            self._drop(unneeded)
-
-    def _drop(self, item: Item) -> None:
-        if not isinstance(item, Failed):
-            self._batches.drop(item)
-
-    def _wait(self, ready: Callable[[], bool], urgent: Want | None = None) -> None:
-        """Receive until ``ready()``; ping a quiet server; give up after ``timeout`` of silence.
-        Releases fewer than a batch of them wait for the next (the server does not need them
-        yet: the ring has that much slack), unless nothing arrives for RELEASE_GRACE_MS or this
-        consumer holds more batches than that slack allows (it keeps some alive)."""
-        self._check_open()
-        batches, channel = self._batches, self._channel
-        if len(batches.live) > self._release_batch:
-            self._flush_releases()
-        start = heard = time.monotonic()
-        pinged = 0.0
-        while not ready():
-            if channel.poll(RELEASE_GRACE_MS if batches.releases else POLL_SLICE_MS):
-                for data, frames in channel.receive():
-                    self._handle(data, frames)
-                heard = time.monotonic()
-                continue
-            now = time.monotonic()
-            if batches.releases:  # the grace ran out: send them, then wait the usual slice
-                self._flush_releases()
-                continue
-            if urgent is not None and now - start > URGENT_AFTER_S:
-                self._send(urgent)
-                urgent = None
-            if self._server_pid and not pid_alive(self._server_pid):
-                raise ServerUnavailable(
-                    f"the dataserver at {self.endpoint} (pid {self._server_pid}) exited"
-                )
-            if now - heard > self.timeout:
-                raise ServerUnavailable(
-                    f"the dataserver at {self.endpoint} did not answer for {self.timeout:g} s"
-                )
-            if now - heard > self._heartbeat and now - pinged > self._heartbeat:
-                self._send(Ping())
-                pinged = now
 
     # --- turning announcements into batches -------------------------------------------------
 
@@ -433,10 +325,6 @@ class RemoteSequence:
 
     # --- lifecycle --------------------------------------------------------------------------
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClosedError("this RemoteSequence is closed; make a new one")
-
     def close(self) -> None:
         """Leave the server. Arrays still referenced stay valid: their slots stay leased until
         this process exits. Safe to call twice."""
@@ -489,6 +377,25 @@ class _EpochIterator:
         if seq._closed or seq._pos.epoch != self.epoch or seq._pos.cursor >= self.end:
             raise StopIteration
         return seq._next()
+
+
+def _checked_args(dataset: str, timeout: float, transport: str, shard: tuple[int, int] | None,
+                  resume: dict[str, Any] | None) -> tuple[str, tuple[int, int]]:
+    """RemoteSequence's arguments checked before connecting: the dataset and (rank, world)."""
+    if timeout <= 0:
+        raise ValueError(f"timeout must be positive seconds, got {timeout}")
+    if transport not in ("auto", "shm", "frames"):
+        raise ValueError(f"transport must be auto, shm or frames, got {transport!r}")
+    if resume is not None:
+        dataset = resume.get("dataset", dataset)
+        saved = tuple(resume.get("shard", (0, 1)))
+        if shard is not None and tuple(shard) != saved:
+            raise ValueError(f"shard={shard} differs from the resumed state's {saved}")
+        shard = (int(saved[0]), int(saved[1]))
+    rank, world = shard or (0, 1)
+    if not (isinstance(world, int) and isinstance(rank, int) and 0 <= rank < world):
+        raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
+    return dataset, (rank, world)
 
 
 def _error(f: Failed) -> Exception:

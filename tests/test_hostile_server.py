@@ -139,9 +139,9 @@ def test_fuzzed_layouts_build_or_are_refused(tmp_path_factory: pytest.TempPathFa
                 assert leaf.nbytes <= nbytes
 
 
-def _fake_server(endpoint: str, ready: list[Any], frames: list[bytes],
-                 stop: threading.Event) -> tuple[zmq.Context[Any], threading.Thread]:
-    """A server that welcomes a frames consumer and answers its first Want with ``ready``."""
+def _fake_server(endpoint: str, ready: list[Any], frames: list[bytes], stop: threading.Event,
+                 shm_dir: str = "", ring: str = "") -> tuple[zmq.Context[Any], threading.Thread]:
+    """A server that welcomes a consumer and answers its first Want with ``ready``."""
     ctx: zmq.Context[Any] = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
@@ -155,8 +155,8 @@ def _fake_server(endpoint: str, ready: list[Any], frames: list[bytes],
                 cid, data = router.recv_multipart()
                 msg = decode(data)
                 if isinstance(msg, Hello):
-                    welcome = Welcome(VERSION, SERVER_ID, "default", 4, False, 0, "", "", 0, 0,
-                                      2, 0, 0, 5.0, False, "")
+                    welcome = Welcome(VERSION, SERVER_ID, "default", 4, False, 0, shm_dir, ring,
+                                      0, 0, 2, 0, 0, 5.0, False, "")
                     router.send_multipart([cid, encode(welcome)])
                 elif isinstance(msg, Want):
                     router.send_multipart([cid, msgpack.packb([Ready.KIND, ready]), *frames])
@@ -208,3 +208,20 @@ def test_pipes_that_are_not_fifos_are_never_opened_for_writing(isolated: dict[st
     finally:
         channel.close([])
     assert victim.read_bytes() == b"keep me"
+
+
+def test_a_welcome_naming_a_ring_not_its_own_is_refused(isolated: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    """Refused while connecting: the consumer raises instead of mapping another file."""
+    (tmp_path / "secret").write_bytes(b"x")
+    endpoint = f"ipc://{isolated['runtime']}/hostile.sock"
+    stop = threading.Event()
+    ctx, thread = _fake_server(endpoint, [], [], stop, shm_dir=str(tmp_path), ring="secret")
+    try:
+        with pytest.raises(ProtocolError, match="'secret' that is not one of its own"):
+            RemoteSequence(endpoint, transport="shm", timeout=5)
+    finally:
+        stop.set()
+        thread.join(5)
+        ctx.term()
+        Path(endpoint.removeprefix("ipc://")).unlink()
