@@ -14,8 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from dataserver.cache import IDLE_S
+
 if TYPE_CHECKING:
+    from dataserver.scheduler import Scheduler
     from dataserver.server import Server
+    from dataserver.state import ConsumerState, WorkerState
 
 __all__ = ["SCHEMA_VERSION", "Monitor"]
 
@@ -57,36 +61,7 @@ class Monitor:
         assert sched is not None
         now = time.monotonic()
         cfg = server.config
-        workers = []
-        for w in sched.workers.values():
-            running = next(iter(w.inflight), None)
-            e = sched.by_bid.get(running) if running is not None else None
-            item: dict[str, Any] = {
-                "index": w.index, "incarnation": w.wid, "pid": w.pid,
-                "kind": "ray" if cfg.backend == "ray" else cfg.worker_type,
-                "state": "starting" if not w.ready else ("busy" if w.inflight else "idle"),
-                "batch": e.index if e is not None else None,
-                "dataset": sched.datasets[e.ds].name if e is not None else None,
-                "batch_seconds": round(now - e.started, 3) if e is not None and e.started
-                else None,
-                "queued": len(w.inflight), "done": w.done, "errors": w.errors,
-                "age_s": round(now - w.started, 1),
-                "stuck": bool(e is not None and e.started
-                              and now - e.started > cfg.hang_threshold),
-                "retiring": w.retiring or None,
-                "growing": w.wid in server.growing,
-            }
-            if cfg.backend == "ray":  # the actor may be on another host: its own figures
-                item.update(dict.fromkeys((*_MEMORY, "cpu_percent")))
-                item.update(w.memory)
-                item["host"] = w.host
-                item["transport"] = "frames" if w.frames else "shm"
-            elif cfg.worker_type == "process":
-                item.update(self.process(w.pid))
-            else:
-                item.update(dict.fromkeys((*_MEMORY, "cpu_percent")))
-                item["memory_note"] = "thread worker: shares the server process's memory"
-            workers.append(item)
+        workers = [self._worker(server, w, now) for w in sched.workers.values()]
         fork_server = getattr(server.pool, "fork_server_pid", None)  # not the Ray backend's
         fs_pid = fork_server() if fork_server is not None else None
         self.forget_dead({w["pid"] for w in workers} | {os.getpid(), fs_pid or 0})
@@ -100,18 +75,7 @@ class Monitor:
             "one_off_segments": len(one_off), "one_off_bytes": sum(e.nbytes for e in one_off),
             "shm_dir": str(server.shm_dir), "name": server.ring_name,
         }
-        consumers = []
-        for c in sched.consumers.values():
-            age = max(now - c.joined, 1e-9)
-            d = sched.datasets[c.ds]
-            consumers.append({
-                "id": c.cid.hex(), "name": c.name, "pid": c.pid, "same_host": c.same_host,
-                "dataset": d.name, "epoch": c.epoch, "position": c.position,
-                "leases": sum(c.leases.values()), "waiting": c.waiting,
-                "delivered": c.delivered, "batches_per_s": round(c.delivered / age, 2),
-                "bytes_per_s": round(c.bytes / age), "gone": c.gone,
-                "age_s": round(age, 1), "silent_s": round(now - c.seen, 1),
-            })
+        consumers = [_consumer(sched, c, now) for c in sched.consumers.values()]
         me = self.process(os.getpid())
         with contextlib.suppress(Exception):
             me["threads"] = psutil.Process().num_threads()
@@ -131,3 +95,49 @@ class Monitor:
             "consumers": consumers,
             "counters": dict(sched.stats),
         }
+
+    def _worker(self, server: Server, w: WorkerState, now: float) -> dict[str, Any]:
+        sched, cfg = server.sched, server.config
+        assert sched is not None
+        running = next(iter(w.inflight), None)
+        e = sched.by_bid.get(running) if running is not None else None
+        item: dict[str, Any] = {
+            "index": w.index, "incarnation": w.wid, "pid": w.pid,
+            "kind": "ray" if cfg.backend == "ray" else cfg.worker_type,
+            "state": "starting" if not w.ready else ("busy" if w.inflight else "idle"),
+            "batch": e.index if e is not None else None,
+            "dataset": sched.datasets[e.ds].name if e is not None else None,
+            "batch_seconds": round(now - e.started, 3) if e is not None and e.started
+            else None,
+            "queued": len(w.inflight), "done": w.done, "errors": w.errors,
+            "age_s": round(now - w.started, 1),
+            "stuck": bool(e is not None and e.started
+                          and now - e.started > cfg.hang_threshold),
+            "retiring": w.retiring or None,
+            "growing": w.wid in server.growing,
+        }
+        if cfg.backend == "ray":  # the actor may be on another host: its own figures
+            item.update(dict.fromkeys((*_MEMORY, "cpu_percent")))
+            item.update(w.memory)
+            item["host"] = w.host
+            item["transport"] = "frames" if w.frames else "shm"
+        elif cfg.worker_type == "process":
+            item.update(self.process(w.pid))
+        else:
+            item.update(dict.fromkeys((*_MEMORY, "cpu_percent")))
+            item["memory_note"] = "thread worker: shares the server process's memory"
+        return item
+
+
+def _consumer(sched: Scheduler, c: ConsumerState, now: float) -> dict[str, Any]:
+    age = max(now - c.joined, 1e-9)
+    return {
+        "id": c.cid.hex(), "name": c.name, "pid": c.pid, "same_host": c.same_host,
+        "dataset": sched.datasets[c.ds].name, "epoch": c.epoch, "position": c.position,
+        "leases": sum(c.leases.values()), "waiting": c.waiting,
+        "delivered": c.delivered, "batches_per_s": round(c.delivered / age, 2),
+        "bytes_per_s": round(c.bytes / age), "gone": c.gone,
+        "age_s": round(age, 1), "silent_s": round(now - c.seen, 1),
+        # asked for batches within IDLE_S: the others' batches are kept for it
+        "reading": now - c.wanted < IDLE_S,
+    }

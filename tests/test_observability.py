@@ -76,7 +76,7 @@ SCHEMA: dict[str, dict[str, str]] = {
         "id": "str", "name": "str", "pid": "int", "same_host": "bool", "dataset": "str",
         "epoch": "int", "position": "int", "leases": "int", "waiting": "int",
         "delivered": "int", "batches_per_s": "float", "bytes_per_s": "int", "gone": "bool",
-        "age_s": "float", "silent_s": "float",
+        "age_s": "float", "silent_s": "float", "reading": "bool",
     },
 }
 _IS = {
@@ -176,7 +176,8 @@ def test_schema_here_is_the_documented_one() -> None:
 @pytest.mark.parametrize("worker_type", ["process", "thread"])
 def test_status_json_follows_the_documented_schema(serve: Any, worker_type: str) -> None:
     server = serve(seqs.Indexed(200, delay=0.02), workers=2, worker_type=worker_type)
-    with RemoteSequence(server.endpoint) as seq:
+    with RemoteSequence(server.endpoint) as seq, \
+            RemoteSequence(server.endpoint, name="idle"):  # connected, asks for nothing
         it = iter(seq)
         for _ in range(10):
             next(it)
@@ -184,6 +185,9 @@ def test_status_json_follows_the_documented_schema(serve: Any, worker_type: str)
         assert out.returncode == 0, out.stderr
         snap = json.loads(out.stdout)
     check_snapshot(snap)
+    idle = [c for c in snap["consumers"] if c["name"] == "idle"]
+    assert [(c["reading"], c["delivered"]) for c in idle] == [(False, 0)]
+    snap["consumers"].remove(idle[0])
     assert snap["schema"] == SCHEMA_VERSION
     assert snap["server"]["pid"] == server.pid and snap["server"]["state"] == "running"
     assert snap["server"]["worker_type"] == worker_type and len(snap["workers"]) == 2
