@@ -26,7 +26,7 @@ import traceback
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import zmq
@@ -295,39 +295,46 @@ def stack_file(address: str, incarnation: int) -> str:
     return os.path.join(os.path.dirname(address[len("ipc://"):]), f"stacks-{incarnation}.txt")
 
 
-def worker_main(spec: WorkerSpec) -> None:
-    """Entry point of a worker process, thread or Ray actor."""
-    process = spec.kind == "process"
-    own_process = spec.kind != "thread"
-    frames = False
-    address = spec.address
-    stacks = None
-    start_error: BaseException | None = None
-    if spec.kind == "ray":
-        try:
-            frames = ray_transport(spec) == "frames"
-        except BaseException as exc:  # reported once connected, below
-            if not spec.tcp_address:  # no way to reach the server: the actor's run() says it
-                raise
-            start_error = exc
-            frames = True
-        address = spec.tcp_address if frames else spec.address
-    if process:
+def _route(spec: WorkerSpec) -> tuple[bool, str, BaseException | None]:
+    """(frames?, the server's address, an error to report once connected): a Ray actor that
+    cannot see the ring sends its batches as frames over TCP."""
+    if spec.kind != "ray":
+        return False, spec.address, None
+    try:
+        frames = ray_transport(spec) == "frames"
+    except BaseException as exc:  # reported once connected
+        if not spec.tcp_address:  # no way to reach the server: the actor's run() says it
+            raise
+        return True, spec.tcp_address, exc
+    return frames, spec.tcp_address if frames else spec.address, None
+
+
+def _own_process(spec: WorkerSpec, frames: bool) -> IO[str] | None:
+    """A worker with a process of its own: signals, logging, and (returned) the file its
+    Python stacks go to on SIGUSR1, for ``dataserver status --stacks``."""
+    if spec.kind == "process":
         _die_with_parent()
-    if own_process and threading.current_thread() is threading.main_thread():
+    stacks = None
+    if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when workers stop
         # forked workers inherit the server's handlers and wake-up pipe: undo both
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.set_wakeup_fd(-1)
         if not frames:
-            # `dataserver status --stacks`: SIGUSR1 dumps every thread's Python stack here
             stacks = open(stack_file(spec.address, spec.incarnation), "w")  # noqa: SIM115
             faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
-    if own_process:
-        logging.basicConfig(
-            level=spec.log_level,
-            format=f"[worker {spec.worker}/{spec.count} pid {os.getpid()}] %(message)s",
-        )
+    logging.basicConfig(
+        level=spec.log_level,
+        format=f"[worker {spec.worker}/{spec.count} pid {os.getpid()}] %(message)s",
+    )
+    return stacks
+
+
+def worker_main(spec: WorkerSpec) -> None:
+    """Entry point of a worker process, thread or Ray actor."""
+    own_process = spec.kind != "thread"
+    frames, address, start_error = _route(spec)
+    stacks = _own_process(spec, frames) if own_process else None
     ctx = zmq.Context() if own_process else zmq.Context.instance()
     sock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 2000)
