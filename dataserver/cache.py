@@ -12,13 +12,19 @@ from collections import Counter, OrderedDict, deque
 
 from dataserver.state import READY, ConsumerState, Dataset, Entry
 
-__all__ = ["IDLE_S", "RingCache", "Spans"]
+__all__ = ["IDLE_S", "RingCache", "Spans", "reading"]
 
 #: Per dataset, (from, to, stride, rank) of each consumer reading it now (RingCache._reach).
 Spans = dict[int, list[tuple[int, int, int, int]]]
 
 #: A consumer that has asked for nothing this long keeps no cached batches from the others.
 IDLE_S = 1.0
+
+
+def reading(c: ConsumerState, now: float) -> bool:
+    """Is the consumer reading: waiting for batches it asked for, or asking within IDLE_S?
+    One that is not (not started, paused, evaluating elsewhere) is not waited for."""
+    return c.waiting > 0 or now - c.wanted < IDLE_S  # wanted: 0.0 if it never asked
 
 
 class RingCache:
@@ -44,12 +50,11 @@ class RingCache:
         (``epoch * length + position``) it reads next and the ring could keep cached for it,
         with its shard's stride and rank: from where it has asked up to (it needs nothing
         before that cached), ``reach`` of its shard's positions on (a batch further ahead
-        cannot stay cached until it gets there). A consumer that has asked for nothing for
-        IDLE_S (not started, paused, evaluating elsewhere) is not waited for."""
+        cannot stay cached until it gets there). Only consumers :func:`reading` now."""
         now = time.monotonic()
         spans: Spans = {}
         for c in self.consumers.values():
-            if not c.gone and now - c.wanted < IDLE_S:  # wanted: 0.0 if it never asked
+            if not c.gone and reading(c, now):
                 g = c.epoch * self.datasets[c.ds].length + c.asked
                 spans.setdefault(c.ds, []).append((g, g + self.reach * c.step, c.step, c.phase))
         return spans

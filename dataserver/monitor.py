@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from dataserver.cache import IDLE_S
+from dataserver.cache import reading
 
 if TYPE_CHECKING:
     from dataserver.scheduler import Scheduler
@@ -138,6 +138,5 @@ def _consumer(sched: Scheduler, c: ConsumerState, now: float) -> dict[str, Any]:
         "delivered": c.delivered, "batches_per_s": round(c.delivered / age, 2),
         "bytes_per_s": round(c.bytes / age), "gone": c.gone,
         "age_s": round(age, 1), "silent_s": round(now - c.seen, 1),
-        # asked for batches within IDLE_S: the others' batches are kept for it
-        "reading": now - c.wanted < IDLE_S,
+        "reading": reading(c, now),  # the others' batches are kept for it
     }

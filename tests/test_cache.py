@@ -114,6 +114,23 @@ def test_a_consumer_that_asks_for_nothing_is_not_waited_for() -> None:
     assert sorted(index for _w, _b, index in _dispatched(s)) == [6, 7, 8, 9]
 
 
+def test_a_consumer_waiting_for_a_slow_batch_is_still_reading() -> None:
+    """Blocked on a batch that takes long to make, a consumer asks for nothing more: what it
+    reads after that batch is still kept for it, until it has what it waits for."""
+    s = _scheduler(slots=6)
+    _join(s, b"fast")
+    _join(s, b"slow")
+    _read(s, b"fast", 0, 1, 7)
+    assert s.want(b"slow", 0, 0, 1, 1, False) is None  # reach [1, 7)
+    [(wid, bid, index)] = _dispatched(s)  # in the slot of 6, the furthest
+    assert index == 0 and _cached(s) == {(0, 1), (0, 2), (0, 3), (0, 4), (0, 5)}
+    s.consumers[b"slow"].wanted -= IDLE_S  # long ago: batch 0 is slow to make
+    assert s.want(b"fast", 0, 7, 9, 1, False) is None
+    assert _dispatched(s) == []
+    s.done(wid, bid, "", 4096, b"")  # it has it: now it waits for nothing
+    assert sorted(index for _w, _b, index in _dispatched(s)) == [7, 8]
+
+
 def test_a_shard_keeps_only_its_own_positions() -> None:
     """Rank 0 of 2 reads the even positions: the odd ones rank 1 released are not kept for
     it, however far behind rank 0 is."""
