@@ -16,9 +16,8 @@ from hypothesis import strategies as st
 import seqs
 from dataserver import layout
 from dataserver.client import ProtocolError, RemoteSequence
+from dataserver.codec import _BY_KIND, _CHECKS
 from dataserver.protocol import (
-    _BY_KIND,
-    _CHECKS,
     VERSION,
     Hello,
     Refused,
