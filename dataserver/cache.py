@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, OrderedDict, deque
+from typing import Any
 
 from dataserver.state import READY, ConsumerState, Dataset, Entry
 
@@ -34,12 +35,22 @@ class RingCache:
     entries: dict[tuple[int, int, int], Entry]
     by_bid: dict[int, Entry]
     cached: OrderedDict[int, Entry]  # bid -> READY, unleased, in ring
-    slots: int
-    reach: int  # positions ahead of a consumer whose cached batches are kept for it
+    slots: int  # also how far ahead of a consumer its cached batches are kept for it
+    slot_bytes: int
     free_slots: deque[int]
     quarantined: set[int]
     to_unlink: list[str]
     stats: Counter[str]
+
+    def _lease(self, c: ConsumerState, e: Entry, pos: int) -> list[Any]:
+        """Lease READY ``e`` to ``c`` once more; its Ready item (``pos`` in the epoch's order,
+        -1 for a Fetch): ``[epoch, pos, index, bid, segment, offset, nbytes, layout]``."""
+        c.leases[e.bid] += 1
+        c.delivered += 1
+        c.bytes += e.nbytes
+        e.leases += 1
+        offset = e.slot * self.slot_bytes if not e.segment else 0
+        return [e.epoch, pos, e.index, e.bid, e.segment, offset, e.nbytes, e.layout]
 
     def _free_slot(self, slot: int) -> None:
         if slot >= 0 and slot not in self.quarantined:
@@ -49,14 +60,15 @@ class RingCache:
         """Per dataset, for each consumer reading it now, the global positions ``[from, to)``
         (``epoch * length + position``) it reads next and the ring could keep cached for it,
         with its shard's stride and rank: from where it has asked up to (it needs nothing
-        before that cached), ``reach`` of its shard's positions on (a batch further ahead
-        cannot stay cached until it gets there). Only consumers :func:`reading` now."""
+        before that cached), as many of its shard's positions on as the ring has slots (a
+        batch further ahead cannot stay cached until it gets there). Only consumers
+        :func:`reading` now."""
         now = time.monotonic()
         spans: Spans = {}
         for c in self.consumers.values():
             if not c.gone and reading(c, now):
                 g = c.epoch * self.datasets[c.ds].length + c.asked
-                spans.setdefault(c.ds, []).append((g, g + self.reach * c.step, c.step, c.phase))
+                spans.setdefault(c.ds, []).append((g, g + self.slots * c.step, c.step, c.phase))
         return spans
 
     def _needed(self, e: Entry, spans: Spans) -> bool:
@@ -78,11 +90,10 @@ class RingCache:
                 return e
         if task.pos < 0:
             return None
-        at = self._at(task)
-        best, best_at = None, at
+        best, best_at = None, self._at(task)
         for e in self.cached.values():
-            if e.ds == task.ds and self._at(e) > best_at:
-                best, best_at = e, self._at(e)
+            if e.ds == task.ds and (at := self._at(e)) > best_at:
+                best, best_at = e, at
         return best
 
     def _evict(self, task: Entry, spans: Spans) -> int:

@@ -248,17 +248,12 @@ class Dispatch(Streams):
     # --- internals --------------------------------------------------------------------------
 
     def _deliver(self, e: Entry) -> None:
-        offset = e.slot * self.slot_bytes if not e.segment else 0
         for cid, pos in e.waiters:
             c = self.consumers.get(cid)
             if c is None or c.gone:
                 continue
             c.waiting -= 1
-            c.leases[e.bid] += 1
-            c.delivered += 1
-            c.bytes += e.nbytes
-            e.leases += 1
-            item = [e.epoch, pos, e.index, e.bid, e.segment, offset, e.nbytes, e.layout]
+            item = self._lease(c, e, pos)
             if c.frames and pos >= 0:
                 c.order.settle(e.epoch, pos)
                 c.order.hold(e.epoch, pos, item)

@@ -64,7 +64,6 @@ class Scheduler(Dispatch):
         self.pending: deque[Entry] = deque()
         self.slots = 0
         self.slot_bytes = 0
-        self.reach = 0
         self.free_slots: deque[int] = deque()
         self.quarantined: set[int] = set()
         self.consumers: dict[bytes, ConsumerState] = {}
@@ -98,7 +97,6 @@ class Scheduler(Dispatch):
         it got there."""
         self.slots = slots
         self.slot_bytes = slot_bytes
-        self.reach = slots
         self.free_slots = deque(range(slots))
 
     # --- consumers --------------------------------------------------------------------------
@@ -217,12 +215,13 @@ class Scheduler(Dispatch):
     def _drop_waits(self, c: ConsumerState, which: Callable[[Entry], bool]) -> None:
         for e in list(self.entries.values()):
             if e.state != READY and e.waiters and which(e):
-                before = len(e.waiters)
-                if c.frames:
-                    for waiter, pos in e.waiters:
-                        if waiter == c.cid and pos >= 0:
-                            c.order.settle(e.epoch, pos)
-                e.waiters = [w for w in e.waiters if w[0] != c.cid]
-                c.waiting -= before - len(e.waiters)
+                kept = []
+                for waiter, pos in e.waiters:
+                    if waiter != c.cid:
+                        kept.append((waiter, pos))
+                    elif c.frames and pos >= 0:
+                        c.order.settle(e.epoch, pos)
+                c.waiting -= len(e.waiters) - len(kept)
+                e.waiters = kept
         if c.frames:
             self._send_in_order(c)

@@ -22,7 +22,6 @@ MAX_WAITING = 65536
 
 class Streams(RingCache):
     # the Scheduler's state these methods use (set in Scheduler.__init__), beyond RingCache's
-    slot_bytes: int
     pending: deque[Entry]
     out_ready: dict[bytes, list[list[Any]]]
     out_ended: list[bytes]
@@ -52,13 +51,8 @@ class Streams(RingCache):
             while c.takes and d.ready:
                 e = d.ready.popleft()
                 c.takes -= 1
-                c.leases[e.bid] += 1
-                c.delivered += 1
-                c.bytes += e.nbytes
-                e.leases += 1
-                offset = e.slot * self.slot_bytes if not e.segment else 0
-                self.out_ready.setdefault(c.cid, []).append(
-                    [0, e.index, e.index, e.bid, e.segment, offset, e.nbytes, e.layout])
+                # a generator's items are all of "epoch" 0, at the position they were made
+                self.out_ready.setdefault(c.cid, []).append(self._lease(c, e, e.index))
         live = self.worker_count - len(d.exhausted)
         wanted = sum(c.takes for c in wanting)
         while live > 0 and d.producing < wanted:
