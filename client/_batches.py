@@ -30,7 +30,7 @@ __all__ = ["FrameBatches", "ShmBatches"]
 def segment_path(shm_dir: Path, name: str, server_id: str) -> Path:
     """The segment the server named, refused unless it is one of that server's own files:
     a plain name under ``shm_dir`` with the server's prefix (the name comes off a socket)."""
-    if "/" in name or "\0" in name or not name.startswith(f"{shm.PREFIX}{server_id}-"):
+    if not shm.owned_by(server_id, name):
         raise ProtocolError(f"the server named a segment {name!r} that is not one of its own")
     return shm_dir / name
 

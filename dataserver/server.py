@@ -335,7 +335,7 @@ class Server(StartUp, ConsumerSide):
             self.ring.close()
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self.shm_dir):
-                if entry.name.startswith(f"{shm.PREFIX}{self.server_id}-"):
+                if shm.owned_by(self.server_id, entry.name):
                     shm.unlink(Path(entry.path))
         if self.lock is not None:
             self.lock.release()

@@ -41,6 +41,7 @@ __all__ = [
     "attach",
     "create",
     "format_bytes",
+    "owned_by",
     "runtime_root",
     "shm_dir",
     "sweep",
@@ -174,6 +175,13 @@ def attach(path: Path, writable: bool) -> Segment:
     finally:
         os.close(fd)
     return Segment(path, size, mm)
+
+
+def owned_by(server_id: str, name: str) -> bool:
+    """Is ``name`` one of that server's segments (its ring, its one-off segments)? A plain
+    file name with the server's prefix: the server unlinks these at close, and a consumer
+    maps nothing else it is told to (the name comes off a socket)."""
+    return "/" not in name and "\0" not in name and name.startswith(f"{PREFIX}{server_id}-")
 
 
 def write_one_off(directory: Path, server_id: str, bid: int, nbytes: int,
