@@ -21,6 +21,8 @@ __all__ = ["MIN_DEPTH", "QUEUE_S", "Dispatch"]
 #: A worker's task queue holds about QUEUE_S seconds of work, at least MIN_DEPTH tasks.
 MIN_DEPTH = 2
 QUEUE_S = 0.002
+#: Tasks looked at past one held back for want of a slot, per dispatch.
+SCAN_PAST = 512
 
 
 class Dispatch(Streams):
@@ -191,9 +193,21 @@ class Dispatch(Streams):
         return best
 
     def dispatch(self) -> None:
+        """Hand pending tasks to workers, first in first out. A task held back for want of a
+        slot (every cached batch is one a reading consumer needs before it) stays queued, and
+        the tasks behind it that come earlier in the order (a laggard's) may still take a slot
+        (see :meth:`_evict`); the held-back ones keep their place in the queue."""
+        held: list[Entry] = []
+        try:
+            self._dispatch(held)
+        finally:
+            self.pending.extendleft(reversed(held))
+
+    def _dispatch(self, held: list[Entry]) -> None:
         now = time.monotonic()
         depth = self._depth()
         spans: Spans | None = None  # consumers do not move meanwhile
+        horizon: dict[int, int] | None = None  # once a task is held back (see _passes)
         while self.pending:
             e = self.pending[0]
             if e.state != PENDING:
@@ -203,6 +217,15 @@ class Dispatch(Streams):
                 self.pending.popleft()
                 self._forget(e)
                 continue
+            if held:
+                if len(held) >= SCAN_PAST:
+                    return
+                if horizon is None:
+                    horizon = self._horizon()
+                if not (e.urgent or e.keep) and (
+                        e.pos < 0 or self._at(e) >= horizon.get(e.ds, -1)):
+                    held.append(self.pending.popleft())  # it would be held back too
+                    continue
             d = self.datasets[e.ds]
             if self.barrier[e.ds] and e.epoch > d.epoch_running:
                 if any(n > 0 for (ds, ep), n in self.running_epochs.items()
@@ -221,9 +244,13 @@ class Dispatch(Streams):
                 if self.cached:
                     spans = self._reach() if spans is None else spans
                     slot = self._evict(e, spans)
+                    horizon = None
                 # no slot: a one-off segment for a blocked consumer (or before the ring exists)
                 if slot < 0 and not (e.urgent or e.keep or self.slots == 0):
-                    return
+                    if not self.cached:
+                        return  # nothing to evict for anyone: wait for a release
+                    held.append(self.pending.popleft())
+                    continue
             self.pending.popleft()
             e.state = RUNNING
             e.slot = slot
@@ -233,6 +260,16 @@ class Dispatch(Streams):
             w.isolated = e.suspect
             self.running_epochs[e.ds, e.epoch] += 1
             self.out_tasks.setdefault(w.wid, []).append([e.bid, e.ds, e.epoch, e.index, slot])
+
+    def _horizon(self) -> dict[int, int]:
+        """Per dataset, the furthest position (in the order) of a cached batch. Once a task is
+        held back, no cached batch is free to take: only a task before that (in its own
+        dataset) can take a slot, from the furthest batch after it (:meth:`_victim`)."""
+        far: dict[int, int] = {}
+        for c in self.cached.values():
+            if c.pos >= 0:
+                far[c.ds] = max(far.get(c.ds, -1), self._at(c))
+        return far
 
     def task_started(self, wid: int) -> None:
         """Stamp the start time of the worker's oldest queued task (its previous one finished)."""

@@ -169,3 +169,25 @@ def test_a_laggards_task_takes_the_slot_of_the_batch_read_last() -> None:
     assert s.want(b"slow", 0, 0, 1, 1, False) is None
     assert [index for _w, _b, index in _dispatched(s)] == [0]
     assert _cached(s) == {(0, 1), (0, 2), (0, 4), (0, 5)}
+
+
+def test_a_laggards_task_is_not_stuck_behind_one_held_back() -> None:
+    """The fast consumer's next task waits for a slot (the only cached batch is one the laggard
+    reads first); the laggard's own task queued behind it takes that slot at once. It used to
+    wait behind the held-back task until the laggard blocked on it (an urgent want, 50 ms)."""
+    s = _scheduler(slots=4)
+    _join(s, b"fast")
+    _read(s, b"fast", 0, 0, 4)
+    _read(s, b"fast", 0, 4, 8)
+    assert _cached(s) == {(0, 4), (0, 5), (0, 6), (0, 7)}
+    _join(s, b"slow")
+    assert s.want(b"slow", 0, 0, 1, 1, False) is None  # reach [1, 5)
+    assert [index for _w, _b, index in _dispatched(s)] == [0]  # in 5's slot, read by nobody
+    assert s.want(b"fast", 0, 8, 10, 1, False) is None
+    assert sorted(index for _w, _b, index in _dispatched(s)) == [8, 9]  # 6's and 7's
+    assert s.want(b"fast", 0, 10, 12, 1, False) is None
+    assert _dispatched(s) == [], "slow reads 4 before 10: 10 waits"
+    assert s.want(b"slow", 0, 1, 3, 1, False) is None  # reach [3, 7): 4 still
+    assert [index for _w, _b, index in _dispatched(s)] == [1], "1 is read before 4"
+    assert [e.index for e in s.pending] == [10, 11, 2], "the held-back tasks keep their order"
+    assert not s.stats["evicted_needed"]
