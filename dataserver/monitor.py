@@ -1,7 +1,9 @@
 """What the server and each worker cost, and who holds what: the ``status`` snapshot.
 
-Memory comes from psutil's full memory info (RSS, USS, PSS, swap). Where a figure cannot be
-read (permissions, a platform without it) it is ``None``, never invented. Thread workers share
+Memory comes from psutil's full memory info (RSS, USS, PSS, swap), less each process's pages of
+the server's shared-memory segments (the ring is reported once, as the ring: see
+:mod:`dataserver.procmem`). Where a figure cannot be read (permissions, a platform without it)
+it is ``None``, never invented. Thread workers share
 the server's memory, and the snapshot says so instead of splitting it.
 """
 
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from dataserver.cache import reading
+from dataserver.procmem import MEMORY_KINDS, own_memory
 
 if TYPE_CHECKING:
     from dataserver.scheduler import Scheduler
@@ -25,12 +28,15 @@ __all__ = ["SCHEMA_VERSION", "Monitor"]
 
 #: Bumped when a field of the snapshot changes meaning or disappears (adding one does not).
 SCHEMA_VERSION = 1
-_MEMORY = ("rss", "uss", "pss", "swap")
+_MEMORY = MEMORY_KINDS
 
 
 class Monitor:
-    def __init__(self) -> None:
+    def __init__(self, segments: str | None = None) -> None:
+        """``segments``: the path prefix of the server's shared-memory segments, whose pages
+        are left out of each process's figures (:func:`dataserver.procmem.segment_prefix`)."""
         self._procs: dict[int, psutil.Process] = {}
+        self.segments = segments
 
     def process(self, pid: int) -> dict[str, Any]:
         """Memory and CPU of ``pid``; None for what cannot be read."""
@@ -41,12 +47,7 @@ class Monitor:
                 p = self._procs[pid] = psutil.Process(pid)
                 p.cpu_percent(None)  # the first call only starts the clock
             out["cpu_percent"] = p.cpu_percent(None)
-            try:
-                mem = p.memory_full_info()
-            except psutil.AccessDenied:
-                mem = p.memory_info()
-            for key in _MEMORY:
-                out[key] = getattr(mem, key, None)
+            out.update(own_memory(p, self.segments))
         except psutil.Error:
             self._procs.pop(pid, None)
         return out

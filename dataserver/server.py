@@ -34,6 +34,7 @@ from dataserver.errors import DataServerError, SharedMemoryError
 from dataserver.fifo import Inbox, Outbox
 from dataserver.logs import setup_logging
 from dataserver.monitor import Monitor
+from dataserver.procmem import segment_prefix
 from dataserver.protocol import (
     Stop,
     StreamEnd,
@@ -82,7 +83,7 @@ class Server(StartUp, ConsumerSide):
         self.last_start_error: str | None = None
         self._sentinels: dict[int, int] = {}  # fd -> incarnation
         self.poller = zmq.Poller()
-        self.monitor = Monitor()
+        self.monitor = Monitor(segment_prefix(self.shm_dir, self.server_id))
         self._in_flight_frames: deque[tuple[Any, bytes, list[int], list[shm.Segment]]] = deque()
         self.exporter: Any = None  # dataserver.metrics.MetricsExporter with --metrics
         self.authenticator: Any = None  # zmq ThreadAuthenticator with --curve-keys

@@ -280,14 +280,17 @@ class _Worker:
         """Ray actors: the server may not see this process, so it hears our memory from us."""
         import psutil
 
+        from dataserver.procmem import own_memory, segment_prefix
+
         self.next_report = time.monotonic() + MEMORY_REPORT_S
         try:
-            mem = psutil.Process().memory_full_info()
+            mem = own_memory(psutil.Process(),
+                             segment_prefix(self.spec.shm_dir, self.spec.server_id))
         except psutil.Error:
             return
-        self.sock.send(encode(WorkerMemory(self.spec.incarnation, mem.rss,
-                                           getattr(mem, "uss", -1), getattr(mem, "pss", -1),
-                                           getattr(mem, "swap", -1))))
+        fig = {k: -1 if v is None else v for k, v in mem.items()}
+        self.sock.send(encode(WorkerMemory(self.spec.incarnation, fig["rss"], fig["uss"],
+                                           fig["pss"], fig["swap"])))
 
 
 def stack_file(address: str, incarnation: int) -> str:

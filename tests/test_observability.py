@@ -31,6 +31,8 @@ from dataserver.client import RemoteSequence
 from dataserver.errors import ConfigError
 from dataserver.metrics import METRIC_NAMES, MetricsExporter
 from dataserver.monitor import SCHEMA_VERSION
+from dataserver.procmem import segment_prefix, segments_memory
+from dataserver.shm import shm_dir as isolated_shm_dir
 from dataserver.status import fetch_status
 from dataserver.top import sparkline
 
@@ -221,17 +223,51 @@ def test_worker_figures_agree_with_psutil(serve: Any) -> None:
     children = {p.pid for p in psutil.Process(server.pid).children(recursive=True)}
     assert snap["server"]["pid"] == server.pid
     assert sum(w["done"] for w in snap["workers"]) >= 100
+    prefix = segment_prefix(isolated_shm_dir(), snap["server"]["id"])
     for w in snap["workers"]:
         assert w["pid"] in children, f"worker pid {w['pid']} is not the server's"
         mine = psutil.Process(w["pid"]).memory_full_info()
+        ring = segments_memory(w["pid"], prefix)  # left out: the ring is reported as such
+        assert ring["rss"] > 0, "the worker wrote batches into the ring"
         for kind in ("uss", "rss", "pss"):
-            theirs, ours = w[kind], getattr(mine, kind)
+            theirs, ours = w[kind], getattr(mine, kind) - ring[kind]
             assert abs(theirs - ours) <= max(0.25 * ours, 10 * MiB), (w["index"], kind,
                                                                         theirs, ours)
         assert w["swap"] == mine.swap or abs(w["swap"] - mine.swap) <= 10 * MiB
         assert w["cpu_percent"] is not None and w["cpu_percent"] >= 0
     me = psutil.Process(server.pid).memory_full_info()
     assert abs(snap["server"]["uss"] - me.uss) <= max(0.25 * me.uss, 10 * MiB)
+
+
+@pytest.mark.timeout(120)
+def test_worker_memory_leaves_out_the_ring_pages_it_wrote(serve: Any) -> None:
+    """Batches made ahead and not read yet sit in ring pages only their worker has mapped, so
+    psutil counts them in its USS (130-154 MiB per worker with 32 batches of 8 MiB waiting,
+    enough for --max-worker-memory to replace healthy workers). status leaves them out: they
+    are the ring's, reported once as such."""
+    batch = 4 * MiB
+    server = serve(seqs.Indexed(64, rows=1024, cols=1024), workers=2, prefetch=24)
+    with RemoteSequence(server.endpoint) as seq:
+        assert int(seq[0][1][0]) == 0
+        it = iter(seq)
+        assert int(next(it)[1][0]) == 0  # the rest of the prefetch is made, and not read
+
+        def settled() -> dict[str, Any] | None:
+            snap = fetch_status(server.endpoint)
+            idle = all(w["state"] == "idle" for w in snap["workers"])
+            return snap if idle and snap["ring"]["held"] >= 20 else None
+
+        snap = wait_for(settled, "the prefetch to be made")
+        prefix = segment_prefix(isolated_shm_dir(), snap["server"]["id"])
+        raw = {w["pid"]: psutil.Process(w["pid"]).memory_full_info().uss
+               for w in snap["workers"]}
+        ring = {pid: segments_memory(pid, prefix)["uss"] for pid in raw}
+        assert sum(ring.values()) >= 18 * batch, "the workers wrote the ring pages alone"
+        for w in snap["workers"]:
+            own = raw[w["pid"]] - ring[w["pid"]]
+            assert abs(w["uss"] - own) <= 8 * MiB, (w["index"], w["uss"], own, raw[w["pid"]])
+            assert w["uss"] < 64 * MiB
+        del it
 
 
 @pytest.mark.timeout(60)
