@@ -61,6 +61,9 @@ STACKS_TIMEOUT_S = 1.0
 #: Memory samples (one per new batch, at most two a second) that must all rise to warn.
 GROWTH_SAMPLES = 10
 GROWTH_MIN_BYTES = 32 << 20
+#: Process workers whose memory one housekeeping pass reads (about 0.8 ms each, the server's
+#: loop waiting meanwhile); with more workers they take turns.
+MEMORY_READS_PER_PASS = 4
 #: Tasks per FIFO record: an item is at most 46 bytes of msgpack, so 64 fit in PIPE_BUF.
 TASKS_PER_RECORD = 64
 _NO_WORKER = WorkerState(-1, -1)
@@ -91,6 +94,7 @@ class WorkerSide:
     _sentinels: dict[int, int]
     _retire_since: dict[int, float]
     _retire_asked: dict[int, float]
+    _memory_turn: int
     _on_signal: Callable[[int, Any], None] | None
     _secret: str
     _authed: set[int]
@@ -373,6 +377,8 @@ class WorkerSide:
         within RETIRE_GRACE_S, and warn about workers whose memory keeps growing."""
         sched, cfg, pool = self.sched, self.config, self.pool
         assert sched is not None and pool is not None
+        measured = cfg.backend == "ray" or cfg.worker_type == "process"
+        due = self._memory_due() if measured else set()
         for w in list(sched.workers.values()):
             if not w.ready:
                 continue
@@ -388,7 +394,7 @@ class WorkerSide:
                     pool.kill(w.wid)
                 continue
             why = ""
-            if cfg.backend == "ray" or cfg.worker_type == "process":
+            if w.wid in due:
                 mem = (w.memory if cfg.backend == "ray" else self.monitor.process(w.pid)
                        ).get(cfg.memory_kind)
                 self._note_memory(w, mem)
@@ -398,6 +404,17 @@ class WorkerSide:
                     sched.stats["memory_cap_restarts"] += 1
             if why:
                 self._retire(w, why, now)
+
+    def _memory_due(self) -> set[int]:
+        """The workers whose memory this pass reads: all, or MEMORY_READS_PER_PASS in turn
+        (Ray workers report theirs: all of them, it costs nothing)."""
+        assert self.sched is not None
+        wids = sorted(w.wid for w in self.sched.workers.values() if w.ready and not w.retiring)
+        if self.config.backend == "ray" or len(wids) <= MEMORY_READS_PER_PASS:
+            return set(wids)
+        start = self._memory_turn % len(wids)
+        self._memory_turn = start + MEMORY_READS_PER_PASS
+        return set((wids + wids)[start:start + MEMORY_READS_PER_PASS])
 
     def _retire(self, w: WorkerState, why: str, now: float) -> None:
         """No more work for ``w``; it stops once idle; a replacement starts now."""

@@ -106,3 +106,25 @@ def test_status_stacks_find_a_stuck_getitem(serve: Any, tmp_path: Path,
             for pid in worker_pids(server.endpoint):
                 os.kill(pid, signal.SIGKILL)
             assert [int(y[0]) for _x, y in it] == list(range(2, 8))
+
+
+def test_workers_memory_is_read_a_few_per_pass_in_turn() -> None:
+    """Reading a worker's memory takes the server's loop ~0.8 ms: with many workers, each
+    housekeeping pass reads MEMORY_READS_PER_PASS of them, every worker in turn."""
+    from types import SimpleNamespace
+
+    from dataserver.scheduler import WorkerState
+    from dataserver.supervise import MEMORY_READS_PER_PASS, WorkerSide
+
+    workers = {wid: WorkerState(wid, wid, ready=True) for wid in range(10)}
+    workers[3].retiring = "over its cap"
+    side: Any = SimpleNamespace(sched=SimpleNamespace(workers=workers), _memory_turn=0,
+                                config=SimpleNamespace(backend="local"))
+    passes = [WorkerSide._memory_due(side) for _ in range(9)]
+    assert all(len(p) == MEMORY_READS_PER_PASS for p in passes)
+    assert all(3 not in p for p in passes), "a retiring worker is not read"
+    assert set().union(*passes[:3]) == set(workers) - {3}, "every worker within 3 passes"
+    counts = [sum(wid in p for p in passes) for wid in sorted(set(workers) - {3})]
+    assert max(counts) - min(counts) <= 1, counts
+    side.sched.workers = {wid: workers[wid] for wid in (0, 1)}
+    assert WorkerSide._memory_due(side) == {0, 1}
