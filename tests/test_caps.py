@@ -113,18 +113,18 @@ def test_workers_memory_is_read_a_few_per_pass_in_turn() -> None:
     housekeeping pass reads MEMORY_READS_PER_PASS of them, every worker in turn."""
     from types import SimpleNamespace
 
+    from dataserver.caps import MEMORY_READS_PER_PASS, Caps
     from dataserver.scheduler import WorkerState
-    from dataserver.supervise import MEMORY_READS_PER_PASS, WorkerSide
 
     workers = {wid: WorkerState(wid, wid, ready=True) for wid in range(10)}
     workers[3].retiring = "over its cap"
     side: Any = SimpleNamespace(sched=SimpleNamespace(workers=workers), _memory_turn=0,
                                 config=SimpleNamespace(backend="local"))
-    passes = [WorkerSide._memory_due(side) for _ in range(9)]
+    passes = [Caps._memory_due(side) for _ in range(9)]
     assert all(len(p) == MEMORY_READS_PER_PASS for p in passes)
     assert all(3 not in p for p in passes), "a retiring worker is not read"
     assert set().union(*passes[:3]) == set(workers) - {3}, "every worker within 3 passes"
     counts = [sum(wid in p for p in passes) for wid in sorted(set(workers) - {3})]
     assert max(counts) - min(counts) <= 1, counts
     side.sched.workers = {wid: workers[wid] for wid in (0, 1)}
-    assert WorkerSide._memory_due(side) == {0, 1}
+    assert Caps._memory_due(side) == {0, 1}
