@@ -167,12 +167,10 @@ class ServerConfig:
         if self.workers == 0:
             set_("workers", usable_cpus())
         _positive("workers", self.workers)
-        if self.worker_type not in ("process", "thread"):
-            raise ConfigError(f"--worker-type must be process or thread, got {self.worker_type!r}")
-        if self.start_method not in ("spawn", "forkserver", "fork"):
-            raise ConfigError(
-                f"--start-method must be spawn, forkserver or fork, got {self.start_method!r}"
-            )
+        for name, allowed in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"{_flag(name)} must be {_either(allowed)}, got {value!r}")
         if self.prefetch:
             _positive("prefetch", self.prefetch)
         if self.slots:
@@ -183,42 +181,29 @@ class ServerConfig:
             set_("slot_bytes", parse_size(self.slot_bytes, "--slot-bytes"))
         if self.max_retries < 0:
             raise ConfigError(f"--max-retries must be 0 or more, got {self.max_retries}")
-        if self.batch_timeout is not None and self.batch_timeout <= 0:
-            raise ConfigError(f"--batch-timeout must be positive seconds, got {self.batch_timeout}")
         if self.max_worker_memory is not None:
             set_("max_worker_memory", parse_size(self.max_worker_memory, "--max-worker-memory"))
         if self.max_worker_memory is not None and self.worker_type == "thread":
             raise ConfigError("--max-worker-memory applies to process workers; thread workers "
                               "share the server's memory (see its figures in status)")
-        if self.memory_kind not in ("uss", "pss", "rss"):
-            raise ConfigError(f"--memory-kind must be uss, pss or rss, got {self.memory_kind!r}")
         if self.max_worker_tasks is not None:
             _positive("max_worker_tasks", self.max_worker_tasks)
-        if self.hang_threshold <= 0:
-            raise ConfigError(f"--hang-threshold must be positive seconds, got "
-                              f"{self.hang_threshold}")
-        if self.log_format not in ("text", "json"):
-            raise ConfigError(f"--log-format must be text or json, got {self.log_format!r}")
         if self.metrics is not None:
             _host, sep, port = self.metrics.rpartition(":")
             if not sep or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ConfigError(f"--metrics {self.metrics!r}: write ADDR:PORT, e.g. "
                                   "127.0.0.1:9464")
-        if self.backend not in ("local", "ray"):
-            raise ConfigError(f"--backend must be local or ray, got {self.backend!r}")
-        if self.ray_transport not in ("auto", "shm", "frames"):
-            raise ConfigError(
-                f"--ray-transport must be auto, shm or frames, got {self.ray_transport!r}")
         if self.backend != "ray" and (self.ray_address or self.ray_transport != "auto"):
             raise ConfigError("--ray-address and --ray-transport apply to --backend ray")
         if self.backend == "ray" and self.worker_type == "thread":
             raise ConfigError("--backend ray runs workers as Ray actors (processes); drop "
                               "--worker-type thread")
-        if self.consumer_timeout <= 0:
-            raise ConfigError(
-                f"--consumer-timeout must be positive seconds, got {self.consumer_timeout}")
         if self.startup_timeout <= 0:
             raise ConfigError(f"startup_timeout must be positive, got {self.startup_timeout}")
+        for name in ("batch_timeout", "hang_threshold", "consumer_timeout"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{_flag(name)} must be positive seconds, got {value}")
 
     def ring_geometry(self, slot_bytes: int, shm_free: int) -> tuple[int, int]:
         """(prefetch, slots) for slots of ``slot_bytes``: the options, or the auto rule above."""
@@ -245,6 +230,22 @@ class ServerConfig:
         return cls(**options)
 
 
+#: Options with a fixed set of values, and those values.
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "worker_type": ("process", "thread"), "start_method": ("spawn", "forkserver", "fork"),
+    "memory_kind": ("uss", "pss", "rss"), "log_format": ("text", "json"),
+    "backend": ("local", "ray"), "ray_transport": ("auto", "shm", "frames"),
+}
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def _either(values: tuple[str, ...]) -> str:
+    return f"{', '.join(values[:-1])} or {values[-1]}"
+
+
 def _positive(name: str, value: int) -> None:
     if type(value) is not int or value <= 0:
-        raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        raise ConfigError(f"{_flag(name)} must be a positive integer, got {value!r}")

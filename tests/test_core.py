@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import mmap
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 import seqs
 from dataserver.client import RemoteError, RemoteSequence, WorkerDiedError
+from dataserver.config import ServerConfig
 from dataserver.errors import ClosedError, ConfigError
 
 pytestmark = pytest.mark.timeout(90)
@@ -294,6 +296,21 @@ def test_bad_options_and_sequences_fail_at_start_with_one_line(serve: Any) -> No
         serve(seqs.Indexed(), slot_bytes="lots")
     with pytest.raises(ConfigError, match="without authentication"):
         serve(seqs.Indexed(), endpoint="tcp://0.0.0.0:5599")
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    ({"worker_type": "fibre"}, "--worker-type must be process or thread, got 'fibre'"),
+    ({"start_method": "clone"}, "--start-method must be spawn, forkserver or fork"),
+    ({"memory_kind": "vss"}, "--memory-kind must be uss, pss or rss, got 'vss'"),
+    ({"backend": "k8s"}, "--backend must be local or ray"),
+    ({"batch_timeout": 0}, "--batch-timeout must be positive seconds, got 0"),
+    ({"consumer_timeout": -1}, "--consumer-timeout must be positive seconds, got -1"),
+    ({"slots": 1}, "--slots must be at least 2"),
+])
+def test_each_bad_option_is_named_with_what_it_takes(option: dict[str, Any],
+                                                     message: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+        ServerConfig(**option)
 
 
 def test_spec_sources(serve: Any) -> None:
