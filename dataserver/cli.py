@@ -24,10 +24,8 @@ def _size_or_auto(value: str) -> int | None:
 
 
 def add_serve_options(serve: argparse.ArgumentParser) -> None:
-    """SPECs and every option of ``serve``; ``launch`` takes the very same, so the two can
-    never drift apart."""
-    from dataserver.config import DEFAULT_START_METHOD
-
+    """SPECs and every option of ``serve``, in groups; ``launch`` takes the very same, so the
+    two can never drift apart."""
     serve.add_argument("spec", metavar="SPEC", nargs="*",
                        help="module:name of a Sequence instance, class or factory; several "
                             "named datasets as NAME=module:name (one pool serves them all)")
@@ -38,59 +36,79 @@ def add_serve_options(serve: argparse.ArgumentParser) -> None:
                        help="a dataset made by generators: each worker calls this factory once "
                             "(worker_info() says which worker it is, to shard the stream); "
                             "items come in the order made")
-    serve.add_argument("--endpoint", default="",
-                       help="ipc:///path.sock or tcp://127.0.0.1:PORT "
-                            "(default: $DATASERVER_ENDPOINT or the private runtime directory)")
-    serve.add_argument("--workers", type=int, default=0, help="default: usable CPUs")
-    serve.add_argument("--worker-type", choices=["process", "thread"], default="process")
-    serve.add_argument("--slots", type=int, default=0, help="ring slots (default prefetch + 4)")
-    serve.add_argument("--slot-bytes", type=_size_or_auto, default=None, metavar="SIZE|auto",
-                       help="bytes per slot, e.g. 64MiB (default auto: first batch + 25%%)")
-    serve.add_argument("--prefetch", type=int, default=0,
-                       help="batches made ahead of each consumer (default 2 per worker, min 4)")
     serve.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=False,
                        help="serve each epoch in a permutation derived from --seed and the epoch")
     serve.add_argument("--seed", type=int, default=0)
-    serve.add_argument("--start-method", choices=["spawn", "forkserver", "fork"],
-                       default=DEFAULT_START_METHOD,
-                       help="how process workers start (default %(default)s: forked from a "
-                            "server that preloaded the Sequence's module; spawn if importing "
-                            "it starts threads)")
-    serve.add_argument("--max-retries", type=int, default=2,
-                       help="retries of a batch whose worker died, before reporting it")
-    serve.add_argument("--batch-timeout", type=float, default=None, metavar="SECONDS",
-                       help="replace a worker stuck longer than this on one batch, and retry it")
-    serve.add_argument("--consumer-timeout", type=float, default=10.0, metavar="SECONDS",
-                       help="reclaim the leases of a consumer in another pid namespace that "
-                            "sent no heartbeat for this long")
-    serve.add_argument("--curve-keys", default=None, metavar="DIR",
-                       help="encrypt and authenticate consumers with ZeroMQ CURVE (keys from "
-                            "`dataserver keys DIR`); required for tcp beyond loopback")
-    serve.add_argument("--insecure", action="store_true",
-                       help="allow a tcp endpoint beyond loopback without authentication")
-    serve.add_argument("--max-worker-memory", default=None, metavar="SIZE",
-                       help="replace a worker whose memory (see --memory-kind) exceeds this")
-    serve.add_argument("--memory-kind", choices=["uss", "pss", "rss"], default="uss",
-                       help="the figure --max-worker-memory caps (default uss)")
-    serve.add_argument("--max-worker-tasks", type=int, default=None, metavar="N",
-                       help="replace a worker after it has made N batches")
-    serve.add_argument("--hang-threshold", type=float, default=60.0, metavar="SECONDS",
-                       help="flag a batch in flight longer than this as stuck in status")
-    serve.add_argument("--metrics", default=None, metavar="ADDR:PORT",
-                       help="serve Prometheus metrics over HTTP, e.g. 127.0.0.1:9464")
-    serve.add_argument("--backend", choices=["local", "ray"], default="local",
-                       help="ray: run the workers as Ray actors, anywhere in a Ray cluster "
-                            "(pip install 'dataserver[ray]')")
-    serve.add_argument("--ray-address", default=None, metavar="ADDR",
-                       help="the Ray cluster to join, e.g. ray://head:10001 or auto "
-                            "(default: start a private local Ray)")
-    serve.add_argument("--ray-transport", choices=["auto", "shm", "frames"], default="auto",
-                       help="how Ray workers hand batches over: shared memory when on this "
-                            "host (auto), or ZeroMQ frames over TCP")
-    serve.add_argument("--log-level", default="INFO",
-                       choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    serve.add_argument("--log-format", choices=["text", "json"], default="text",
-                       help="json: one JSON object per line")
+    _add_worker_options(serve.add_argument_group("workers"))
+    _add_ring_options(serve.add_argument_group("ring and consumers"))
+    _add_watch_options(serve.add_argument_group("watching, caps and logs"))
+    _add_ray_options(serve.add_argument_group("Ray"))
+
+
+def _add_worker_options(g: argparse._ArgumentGroup) -> None:
+    from dataserver.config import DEFAULT_START_METHOD
+
+    g.add_argument("--workers", type=int, default=0, help="default: usable CPUs")
+    g.add_argument("--worker-type", choices=["process", "thread"], default="process")
+    g.add_argument("--start-method", choices=["spawn", "forkserver", "fork"],
+                   default=DEFAULT_START_METHOD,
+                   help="how process workers start (default %(default)s: forked from a server "
+                        "that preloaded the Sequence's module; spawn if importing it starts "
+                        "threads)")
+    g.add_argument("--max-retries", type=int, default=2,
+                   help="retries of a batch whose worker died, before reporting it")
+    g.add_argument("--batch-timeout", type=float, default=None, metavar="SECONDS",
+                   help="replace a worker stuck longer than this on one batch, and retry it")
+
+
+def _add_ring_options(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--endpoint", default="",
+                   help="ipc:///path.sock or tcp://127.0.0.1:PORT "
+                        "(default: $DATASERVER_ENDPOINT or the private runtime directory)")
+    g.add_argument("--prefetch", type=int, default=0,
+                   help="batches made ahead of each consumer (default: as many as fit in 512 "
+                        "MiB or half the free shared memory, 2 per worker (at least 4) to 64)")
+    g.add_argument("--slots", type=int, default=0,
+                   help="ring slots (default: prefetch + a quarter, at least 4 more)")
+    g.add_argument("--slot-bytes", type=_size_or_auto, default=None, metavar="SIZE|auto",
+                   help="bytes per slot, e.g. 64MiB (default auto: first batch + 25%%)")
+    g.add_argument("--consumer-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="reclaim the leases of a consumer in another pid namespace that sent "
+                        "no heartbeat for this long")
+    g.add_argument("--curve-keys", default=None, metavar="DIR",
+                   help="encrypt and authenticate consumers with ZeroMQ CURVE (keys from "
+                        "`dataserver keys DIR`); required for tcp beyond loopback")
+    g.add_argument("--insecure", action="store_true",
+                   help="allow a tcp endpoint beyond loopback without authentication")
+
+
+def _add_watch_options(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--max-worker-memory", default=None, metavar="SIZE",
+                   help="replace a worker whose memory (see --memory-kind) exceeds this")
+    g.add_argument("--memory-kind", choices=["uss", "pss", "rss"], default="uss",
+                   help="the figure --max-worker-memory caps (default uss; the ring's pages "
+                        "are left out)")
+    g.add_argument("--max-worker-tasks", type=int, default=None, metavar="N",
+                   help="replace a worker after it has made N batches")
+    g.add_argument("--hang-threshold", type=float, default=60.0, metavar="SECONDS",
+                   help="flag a batch in flight longer than this as stuck in status")
+    g.add_argument("--metrics", default=None, metavar="ADDR:PORT",
+                   help="serve Prometheus metrics over HTTP, e.g. 127.0.0.1:9464")
+    g.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    g.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="json: one JSON object per line")
+
+
+def _add_ray_options(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="ray: run the workers as Ray actors, anywhere in a Ray cluster "
+                        "(pip install 'dataserver[ray]')")
+    g.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="the Ray cluster to join, e.g. ray://head:10001 or auto "
+                        "(default: start a private local Ray)")
+    g.add_argument("--ray-transport", choices=["auto", "shm", "frames"], default="auto",
+                   help="how Ray workers hand batches over: shared memory when on this host "
+                        "(auto), or ZeroMQ frames over TCP")
 
 
 def _add_launch_options(parser: argparse.ArgumentParser) -> None:
