@@ -222,6 +222,8 @@ class Dispatch(Streams):
                     return
                 if horizon is None:
                     horizon = self._horizon()
+                    if not horizon:
+                        return  # no cached batch lies after any task: none can take a slot
                 if not (e.urgent or e.keep) and (
                         e.pos < 0 or self._at(e) >= horizon.get(e.ds, -1)):
                     held.append(self.pending.popleft())  # it would be held back too
