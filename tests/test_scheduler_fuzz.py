@@ -1,0 +1,261 @@
+"""The scheduler under random interleavings (bookkeeping only, no processes): consumers with
+shards that ask ahead, read, hold and release, pause, end epochs and leave; workers that finish
+tasks or die. Whatever the interleaving:
+
+* a slot is never handed to a worker while a consumer holds a batch in it, nor while another
+  batch is being written there, and one-off segments are unlinked only once nobody holds them;
+* every announcement is the batch at that position of the epoch's order, with its own bytes
+  (each slot and segment remembers which batch was last written into it);
+* free, cached, held and written slots always add up to the ring;
+* and once the consumers keep reading (asking urgently when blocked, as the client does),
+  each of them finishes its epoch: no interleaving leaves it waiting forever.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dataserver.cache import IDLE_S
+from dataserver.scheduler import READY, ConsumerState, Dataset, Scheduler, WorkerState
+from dataserver.state import RUNNING
+
+LENGTH = 12
+SLOT_BYTES = 4096
+SHARDS = [(0, 1), (0, 2), (1, 2), (0, 1)]
+
+
+@dataclass
+class Client:
+    """What RemoteSequence keeps, reduced to positions: shard-local ``cursor`` (next to read)
+    and ``asked`` (positions below it were wanted) in ``epoch``; what arrived, what it holds."""
+
+    cid: bytes
+    rank: int
+    world: int
+    epoch: int = 0
+    cursor: int = 0
+    asked: int = 0
+    got: dict[int, list[Any]] = field(default_factory=dict)
+    holding: list[list[Any]] = field(default_factory=list)
+    done_epochs: int = 0
+
+    @property
+    def n(self) -> int:
+        return len(range(self.rank, LENGTH, self.world))
+
+    def pos(self, p: int) -> int:
+        return self.rank + p * self.world
+
+
+class World:
+    def __init__(self, slots: int, shuffle: bool) -> None:
+        self.s = Scheduler([Dataset("train", LENGTH, shuffle=shuffle, seed=3)], max_retries=5,
+                           depth=3, barrier=[False])
+        self.s.set_ring(slots, SLOT_BYTES)
+        self.queues: dict[int, list[list[int]]] = {}
+        self.next_wid = 1
+        for index in (0, 1):
+            self._add_worker(index)
+        self.clients: dict[bytes, Client] = {}
+        self.slot_has: dict[int, tuple[int, int] | None] = {}  # slot -> (epoch, index) written
+        self.seg_has: dict[str, tuple[int, int]] = {}
+        self.joined = 0
+
+    def _add_worker(self, index: int) -> None:
+        self.s.add_worker(WorkerState(self.next_wid, index, ready=True))
+        self.queues[self.next_wid] = []
+        self.next_wid += 1
+
+    # --- consumers ---------------------------------------------------------------------------
+
+    def join(self) -> None:
+        rank, world = SHARDS[self.joined % len(SHARDS)]
+        cid = f"c{self.joined}".encode()
+        self.joined += 1
+        self.s.add_consumer(ConsumerState(cid, pid=1, same_host=True, name=cid.decode(), ds=0))
+        self.clients[cid] = Client(cid, rank, world)
+
+    def ask(self, c: Client, k: int) -> None:
+        if c.asked >= c.n:
+            return
+        stop = min(c.n, max(c.asked, c.cursor) + k)
+        start = max(c.asked, c.cursor)
+        if start >= stop:
+            return
+        assert self.s.want(c.cid, c.epoch, c.pos(start), c.pos(stop - 1) + 1, c.world,
+                           False) is None
+        c.asked = stop
+
+    def block(self, c: Client) -> None:
+        """The client's next() finds nothing: it asks for the cursor's batch urgently."""
+        if c.cursor < c.n and c.cursor not in c.got:
+            p = c.pos(c.cursor)
+            assert self.s.want(c.cid, c.epoch, p, p + 1, c.world, True) is None
+            c.asked = max(c.asked, c.cursor + 1)
+
+    def read(self, c: Client) -> None:
+        item = c.got.pop(c.cursor, None)
+        if item is None:
+            return
+        self._check_bytes(item, "read")
+        c.holding.append(item)
+        c.cursor += 1
+        if c.cursor == c.n:  # on_epoch_end
+            self.s.epoch_end(c.cid, c.epoch)
+            self._release(c, list(c.got.values()))
+            c.got.clear()
+            c.epoch += 1
+            c.cursor = c.asked = 0
+            c.done_epochs += 1
+
+    def release(self, c: Client, k: int) -> None:
+        gone, c.holding = c.holding[:k], c.holding[k:]
+        self._release(c, gone)
+
+    def _release(self, c: Client, items: list[list[Any]]) -> None:
+        if items:
+            assert self.s.release(c.cid, [item[3] for item in items]) is None
+
+    def pause(self, c: Client) -> None:
+        self.s.consumers[c.cid].wanted -= IDLE_S
+
+    def leave(self, c: Client) -> None:
+        self.s.remove_consumer(c.cid)
+        del self.clients[c.cid]
+
+    # --- workers ----------------------------------------------------------------------------
+
+    def work(self, wid: int) -> None:
+        queue = self.queues.get(wid)
+        if not queue:
+            return
+        bid, _ds, epoch, index, slot = queue.pop(0)
+        segment = ""
+        if slot >= 0:
+            self.slot_has[slot] = (epoch, index)
+        else:
+            segment = f"dataserver-x-big-{bid}"
+            self.seg_has[segment] = (epoch, index)
+        self.s.done(wid, bid, segment, 8, b"")
+
+    def kill(self, wid: int) -> None:
+        if wid not in self.queues:
+            return
+        w = self.s.workers[wid]
+        for task in self.queues.pop(wid):
+            if task[4] >= 0:
+                self.slot_has[task[4]] = None  # torn: half written
+        self.s.worker_gone(wid, "killed")
+        self._add_worker(w.index)
+
+    # --- the server's step: dispatch, deliver, unlink; then the checks -----------------------
+
+    def step(self) -> None:
+        s = self.s
+        s.dispatch()
+        held_slots = {item[5] // SLOT_BYTES for c in self.clients.values()
+                      for item in [*c.holding, *c.got.values()] if not item[4]}
+        for wid, tasks in s.out_tasks.items():
+            for task in tasks:
+                slot = task[4]
+                assert slot not in held_slots, f"slot {slot} handed to a worker while leased"
+                self.queues[wid].append(task)
+        s.out_tasks.clear()
+        for cid, items in s.out_ready.items():
+            c = self.clients[cid]
+            for item in items:
+                self._check_bytes(item, "announced")
+                epoch, pos = item[0], item[1]
+                p, off = divmod(pos - c.rank, c.world)
+                if epoch == c.epoch and not off and p >= c.cursor and p not in c.got:
+                    c.got[p] = item
+                else:  # a duplicate (an urgent want of what was asked) or stale: dropped
+                    self._release(c, [item])
+        s.out_ready.clear()
+        held_segments = {item[4] for c in self.clients.values()
+                         for item in [*c.holding, *c.got.values()] if item[4]}
+        for name in s.to_unlink:
+            assert name not in held_segments, f"{name} unlinked while held"
+            self.seg_has.pop(name, None)
+        s.to_unlink.clear()
+        self._check_slots()
+
+    def _check_bytes(self, item: list[Any], when: str) -> None:
+        epoch, pos, index, _bid, segment, offset = item[:6]
+        assert self.s.datasets[0].order(epoch)[pos] == index, f"{when}: wrong index"
+        has = self.seg_has.get(segment) if segment else self.slot_has.get(offset // SLOT_BYTES)
+        assert has == (epoch, index), f"{when} batch {(epoch, index)} but its bytes are {has}"
+
+    def _check_slots(self) -> None:
+        s = self.s
+        used: dict[int, int] = {}
+        for e in s.by_bid.values():
+            if e.slot >= 0 and e.state in (RUNNING, READY):
+                assert e.slot not in used, f"slot {e.slot} holds two batches"
+                used[e.slot] = e.bid
+        free = list(s.free_slots)
+        assert len(free) == len(set(free)), "a slot is free twice"
+        assert not set(free) & set(used), "a slot is free and in use"
+        assert len(free) + len(used) + len(s.quarantined) == s.slots
+        assert s.held_slots() >= 0
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.data())
+def test_any_interleaving_keeps_slots_safe_and_every_consumer_finishes(data: Any) -> None:
+    world = World(slots=data.draw(st.integers(2, 8), label="slots"),
+                  shuffle=data.draw(st.booleans(), label="shuffle"))
+    for _ in range(data.draw(st.integers(1, 3), label="consumers")):
+        world.join()
+    for _ in range(data.draw(st.integers(10, 80), label="steps")):
+        op = data.draw(st.sampled_from(["ask", "read", "release", "block", "work", "work",
+                                        "pause", "kill", "join", "leave"]))
+        clients = list(world.clients.values())
+        if op == "join" and len(clients) < 4:
+            world.join()
+        elif op == "kill":
+            world.kill(data.draw(st.sampled_from(sorted(world.queues))))
+        elif op == "work":
+            for wid in sorted(world.queues):
+                for _ in range(data.draw(st.integers(0, 2))):
+                    world.work(wid)
+        elif clients:
+            c = data.draw(st.sampled_from(clients))
+            if op == "ask":
+                world.ask(c, data.draw(st.integers(1, 6)))
+            elif op == "read":
+                world.read(c)
+            elif op == "release":
+                world.release(c, data.draw(st.integers(1, 3)))
+            elif op == "block":
+                world.block(c)
+            elif op == "pause":
+                world.pause(c)
+            elif op == "leave" and len(clients) > 1:
+                world.leave(c)
+        world.step()
+    # from here on every consumer reads on, releasing what it read, until its epoch is done
+    goal = {cid: c.done_epochs + 1 for cid, c in world.clients.items()}
+    for _ in range(50 * LENGTH):
+        if all(c.done_epochs >= goal[cid] for cid, c in world.clients.items()):
+            break
+        for c in world.clients.values():
+            if c.done_epochs >= goal[c.cid]:
+                continue
+            world.release(c, len(c.holding))
+            if c.cursor in c.got:
+                world.read(c)
+            else:
+                world.ask(c, 4)
+                world.block(c)
+        world.step()
+        for wid in sorted(world.queues):
+            world.work(wid)
+        world.step()
+    stuck = {cid: (c.epoch, c.cursor) for cid, c in world.clients.items()
+             if c.done_epochs < goal[cid]}
+    assert not stuck, f"consumers that never finished their epoch: {stuck}"
