@@ -207,7 +207,7 @@ class Dispatch(Streams):
         now = time.monotonic()
         depth = self._depth()
         spans: Spans | None = None  # consumers do not move meanwhile
-        horizon: dict[int, int] | None = None  # once a task is held back (see _passes)
+        horizon: dict[int, int] | None = None  # once a task is held back (see _horizon)
         while self.pending:
             e = self.pending[0]
             if e.state != PENDING:

@@ -30,6 +30,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from dataserver.errors import ConfigError
+from dataserver.procmem import MEMORY_KINDS
 
 __all__ = ["METRIC_NAMES", "MetricsExporter", "families"]
 
@@ -40,7 +41,6 @@ STALE_AFTER_S = 5.0
 #: How long close() waits for the HTTP thread to end after shutting its server down.
 CLOSE_TIMEOUT_S = 5.0
 _UP_HELP = f"1 while the server runs and its snapshot is fresh (younger than {STALE_AFTER_S:g} s)"
-_MEMORY = ("rss", "uss", "pss", "swap")
 _RING_STATES = ("held", "cached", "free", "quarantined")
 #: Snapshot counters with a metric of their own (not repeated in dataserver_events_total).
 _OWN_COUNTERS = {"produced": "dataserver_batches_total", "bytes": "dataserver_bytes_total"}
@@ -118,7 +118,7 @@ def _server_families(snap: dict[str, Any], age: float) -> Iterator[GaugeMetricFa
     yield g
     g = _gauge("dataserver_server_memory_bytes", "memory of the server process (thread workers "
                "included) by psutil kind; a kind that cannot be read is left out", ["kind"])
-    for kind in _MEMORY:
+    for kind in MEMORY_KINDS:
         if s.get(kind) is not None:
             g.add_metric([kind], s[kind])
     yield g
@@ -131,7 +131,7 @@ def _server_families(snap: dict[str, Any], age: float) -> Iterator[GaugeMetricFa
                "workers fork from (the modules they share), by psutil kind; absent without one",
                ["kind"])
     fs = snap.get("fork_server") or {}
-    for kind in _MEMORY:
+    for kind in MEMORY_KINDS:
         if fs.get(kind) is not None:
             g.add_metric([kind], fs[kind])
     yield g
@@ -151,7 +151,7 @@ def _worker_families(snap: dict[str, Any]) -> Iterator[GaugeMetricFamily | Count
     mem = _gauge("dataserver_worker_memory_bytes", "memory of a worker process by psutil kind "
                  "(rss, uss, pss, swap); left out where it cannot be read and for thread "
                  "workers, which share the server's memory", ["worker", "kind"])
-    for kind in _MEMORY:
+    for kind in MEMORY_KINDS:
         for (worker,), value in sorted(_sum_by(workers, ("index",), kind).items()):
             mem.add_metric([worker, kind], value)
     yield mem

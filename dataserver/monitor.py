@@ -3,8 +3,8 @@
 Memory comes from psutil's full memory info (RSS, USS, PSS, swap), less each process's pages of
 the server's shared-memory segments (the ring is reported once, as the ring: see
 :mod:`dataserver.procmem`). Where a figure cannot be read (permissions, a platform without it)
-it is ``None``, never invented. Thread workers share
-the server's memory, and the snapshot says so instead of splitting it.
+it is ``None``, never invented. Thread workers share the server's memory, and the snapshot says
+so instead of splitting it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ __all__ = ["SCHEMA_VERSION", "Monitor"]
 
 #: Bumped when a field of the snapshot changes meaning or disappears (adding one does not).
 SCHEMA_VERSION = 1
-_MEMORY = MEMORY_KINDS
 
 
 class Monitor:
@@ -40,7 +39,7 @@ class Monitor:
 
     def process(self, pid: int) -> dict[str, Any]:
         """Memory and CPU of ``pid``; None for what cannot be read."""
-        out: dict[str, Any] = dict.fromkeys((*_MEMORY, "cpu_percent"))
+        out: dict[str, Any] = dict.fromkeys((*MEMORY_KINDS, "cpu_percent"))
         p = self._procs.get(pid)
         try:
             if p is None:
@@ -118,14 +117,14 @@ class Monitor:
             "growing": w.wid in server.growing,
         }
         if cfg.backend == "ray":  # the actor may be on another host: its own figures
-            item.update(dict.fromkeys((*_MEMORY, "cpu_percent")))
+            item.update(dict.fromkeys((*MEMORY_KINDS, "cpu_percent")))
             item.update(w.memory)
             item["host"] = w.host
             item["transport"] = "frames" if w.frames else "shm"
         elif cfg.worker_type == "process":
             item.update(self.process(w.pid))
         else:
-            item.update(dict.fromkeys((*_MEMORY, "cpu_percent")))
+            item.update(dict.fromkeys((*MEMORY_KINDS, "cpu_percent")))
             item["memory_note"] = "thread worker: shares the server process's memory"
         return item
 
