@@ -204,6 +204,7 @@ class Scheduler(Dispatch):
         if c is None:
             return
         self._drop_waits(c, lambda e: True)
+        self.out_ready.pop(cid, None)  # announcements it will never read: their leases go below
         kept = Counter({b: c.leases[b] for b in (keep or ()) if c.leases[b] > 0})
         if kept and c.same_host:
             self.release(cid, list((c.leases - kept).elements()))

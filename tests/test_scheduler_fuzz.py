@@ -6,6 +6,8 @@ tasks or die. Whatever the interleaving:
   batch is being written there, and one-off segments are unlinked only once nobody holds them;
 * every announcement is the batch at that position of the epoch's order, with its own bytes
   (each slot and segment remembers which batch was last written into it);
+* a frames consumer (its bytes sent with the announcement, one after another) gets each batch
+  only after every batch it reads before it;
 * free, cached, held and written slots always add up to the ring;
 * and once the consumers keep reading (asking urgently when blocked, as the client does),
   each of them finishes its epoch: no interleaving leaves it waiting forever.
@@ -36,6 +38,7 @@ class Client:
     cid: bytes
     rank: int
     world: int
+    frames: bool
     epoch: int = 0
     cursor: int = 0
     asked: int = 0
@@ -72,12 +75,13 @@ class World:
 
     # --- consumers ---------------------------------------------------------------------------
 
-    def join(self) -> None:
+    def join(self, frames: bool) -> None:
         rank, world = SHARDS[self.joined % len(SHARDS)]
         cid = f"c{self.joined}".encode()
         self.joined += 1
-        self.s.add_consumer(ConsumerState(cid, pid=1, same_host=True, name=cid.decode(), ds=0))
-        self.clients[cid] = Client(cid, rank, world)
+        self.s.add_consumer(ConsumerState(cid, pid=1, same_host=True, name=cid.decode(), ds=0,
+                                          frames=frames))
+        self.clients[cid] = Client(cid, rank, world, frames)
 
     def ask(self, c: Client, k: int) -> None:
         if c.asked >= c.n:
@@ -166,12 +170,16 @@ class World:
                 self.queues[wid].append(task)
         s.out_tasks.clear()
         for cid, items in s.out_ready.items():
-            c = self.clients[cid]
+            c = self.clients.get(cid)
+            assert c is not None, f"announcements for {cid!r} after it left"
             for item in items:
                 self._check_bytes(item, "announced")
                 epoch, pos = item[0], item[1]
                 p, off = divmod(pos - c.rank, c.world)
                 if epoch == c.epoch and not off and p >= c.cursor and p not in c.got:
+                    if c.frames:
+                        gaps = [q for q in range(c.cursor, p) if q not in c.got]
+                        assert not gaps, f"frames: {p} sent before {gaps} (cursor {c.cursor})"
                     c.got[p] = item
                 else:  # a duplicate (an urgent want of what was asked) or stale: dropped
                     self._release(c, [item])
@@ -210,13 +218,13 @@ def test_any_interleaving_keeps_slots_safe_and_every_consumer_finishes(data: Any
     world = World(slots=data.draw(st.integers(2, 8), label="slots"),
                   shuffle=data.draw(st.booleans(), label="shuffle"))
     for _ in range(data.draw(st.integers(1, 3), label="consumers")):
-        world.join()
+        world.join(data.draw(st.booleans(), label="frames"))
     for _ in range(data.draw(st.integers(10, 80), label="steps")):
         op = data.draw(st.sampled_from(["ask", "read", "release", "block", "work", "work",
                                         "pause", "kill", "join", "leave"]))
         clients = list(world.clients.values())
         if op == "join" and len(clients) < 4:
-            world.join()
+            world.join(data.draw(st.booleans(), label="frames"))
         elif op == "kill":
             world.kill(data.draw(st.sampled_from(sorted(world.queues))))
         elif op == "work":
