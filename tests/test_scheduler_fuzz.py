@@ -1,6 +1,6 @@
 """The scheduler under random interleavings (bookkeeping only, no processes): consumers with
-shards that ask ahead, read, hold and release, pause, end epochs and leave; workers that finish
-tasks or die. Whatever the interleaving:
+shards (some getting frames) that ask ahead, read, fetch at random, hold and release, pause, end
+epochs and leave; workers that finish tasks or die. Whatever the interleaving:
 
 * a slot is never handed to a worker while a consumer holds a batch in it, nor while another
   batch is being written there, and one-off segments are unlinked only once nobody holds them;
@@ -124,6 +124,10 @@ class World:
         if items:
             assert self.s.release(c.cid, [item[3] for item in items]) is None
 
+    def fetch(self, c: Client, index: int) -> None:
+        """Random access (seq[i]): its batch arrives with position -1 and is held a while."""
+        assert self.s.fetch(c.cid, c.epoch, index) is None
+
     def pause(self, c: Client) -> None:
         self.s.consumers[c.cid].wanted -= IDLE_S
 
@@ -175,6 +179,9 @@ class World:
             for item in items:
                 self._check_bytes(item, "announced")
                 epoch, pos = item[0], item[1]
+                if pos < 0:
+                    c.holding.append(item)  # a Fetch
+                    continue
                 p, off = divmod(pos - c.rank, c.world)
                 if epoch == c.epoch and not off and p >= c.cursor and p not in c.got:
                     if c.frames:
@@ -194,7 +201,7 @@ class World:
 
     def _check_bytes(self, item: list[Any], when: str) -> None:
         epoch, pos, index, _bid, segment, offset = item[:6]
-        assert self.s.datasets[0].order(epoch)[pos] == index, f"{when}: wrong index"
+        assert pos < 0 or self.s.datasets[0].order(epoch)[pos] == index, f"{when}: wrong index"
         has = self.seg_has.get(segment) if segment else self.slot_has.get(offset // SLOT_BYTES)
         assert has == (epoch, index), f"{when} batch {(epoch, index)} but its bytes are {has}"
 
@@ -221,7 +228,7 @@ def test_any_interleaving_keeps_slots_safe_and_every_consumer_finishes(data: Any
         world.join(data.draw(st.booleans(), label="frames"))
     for _ in range(data.draw(st.integers(10, 80), label="steps")):
         op = data.draw(st.sampled_from(["ask", "read", "release", "block", "work", "work",
-                                        "pause", "kill", "join", "leave"]))
+                                        "pause", "kill", "join", "leave", "fetch"]))
         clients = list(world.clients.values())
         if op == "join" and len(clients) < 4:
             world.join(data.draw(st.booleans(), label="frames"))
@@ -243,6 +250,8 @@ def test_any_interleaving_keeps_slots_safe_and_every_consumer_finishes(data: Any
                 world.block(c)
             elif op == "pause":
                 world.pause(c)
+            elif op == "fetch":
+                world.fetch(c, data.draw(st.integers(0, LENGTH - 1)))
             elif op == "leave" and len(clients) > 1:
                 world.leave(c)
         world.step()
