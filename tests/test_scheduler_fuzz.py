@@ -1,6 +1,7 @@
 """The scheduler under random interleavings (bookkeeping only, no processes): consumers with
-shards (some getting frames) that ask ahead, read, fetch at random, hold and release, pause, end
-epochs and leave; workers that finish tasks or die. Whatever the interleaving:
+shards (some getting frames, some reading a second dataset of the same pool and ring) that ask
+ahead, read, fetch at random, hold and release, pause, end epochs and leave; workers that finish
+tasks or die. Whatever the interleaving:
 
 * a slot is never handed to a worker while a consumer holds a batch in it, nor while another
   batch is being written there, and one-off segments are unlinked only once nobody holds them;
@@ -25,7 +26,8 @@ from dataserver.cache import IDLE_S
 from dataserver.scheduler import READY, ConsumerState, Dataset, Scheduler, WorkerState
 from dataserver.state import RUNNING
 
-LENGTH = 12
+LENGTHS = (12, 7)  # two datasets served from one pool and one ring
+LENGTH = max(LENGTHS)
 SLOT_BYTES = 4096
 SHARDS = [(0, 1), (0, 2), (1, 2), (0, 1)]
 
@@ -36,6 +38,7 @@ class Client:
     and ``asked`` (positions below it were wanted) in ``epoch``; what arrived, what it holds."""
 
     cid: bytes
+    ds: int
     rank: int
     world: int
     frames: bool
@@ -48,7 +51,7 @@ class Client:
 
     @property
     def n(self) -> int:
-        return len(range(self.rank, LENGTH, self.world))
+        return len(range(self.rank, LENGTHS[self.ds], self.world))
 
     def pos(self, p: int) -> int:
         return self.rank + p * self.world
@@ -56,16 +59,18 @@ class Client:
 
 class World:
     def __init__(self, slots: int, shuffle: bool) -> None:
-        self.s = Scheduler([Dataset("train", LENGTH, shuffle=shuffle, seed=3)], max_retries=5,
-                           depth=3, barrier=[False])
+        self.s = Scheduler([Dataset(f"d{i}", n, shuffle=shuffle, seed=3)
+                            for i, n in enumerate(LENGTHS)],
+                           max_retries=5, depth=3, barrier=[False] * len(LENGTHS))
         self.s.set_ring(slots, SLOT_BYTES)
         self.queues: dict[int, list[list[int]]] = {}
         self.next_wid = 1
         for index in (0, 1):
             self._add_worker(index)
         self.clients: dict[bytes, Client] = {}
-        self.slot_has: dict[int, tuple[int, int] | None] = {}  # slot -> (epoch, index) written
-        self.seg_has: dict[str, tuple[int, int]] = {}
+        # slot or segment -> the (dataset, epoch, index) last written into it
+        self.slot_has: dict[int, tuple[int, int, int] | None] = {}
+        self.seg_has: dict[str, tuple[int, int, int]] = {}
         self.joined = 0
 
     def _add_worker(self, index: int) -> None:
@@ -75,13 +80,13 @@ class World:
 
     # --- consumers ---------------------------------------------------------------------------
 
-    def join(self, frames: bool) -> None:
+    def join(self, ds: int, frames: bool) -> None:
         rank, world = SHARDS[self.joined % len(SHARDS)]
         cid = f"c{self.joined}".encode()
         self.joined += 1
-        self.s.add_consumer(ConsumerState(cid, pid=1, same_host=True, name=cid.decode(), ds=0,
+        self.s.add_consumer(ConsumerState(cid, pid=1, same_host=True, name=cid.decode(), ds=ds,
                                           frames=frames))
-        self.clients[cid] = Client(cid, rank, world, frames)
+        self.clients[cid] = Client(cid, ds, rank, world, frames)
 
     def ask(self, c: Client, k: int) -> None:
         if c.asked >= c.n:
@@ -105,7 +110,7 @@ class World:
         item = c.got.pop(c.cursor, None)
         if item is None:
             return
-        self._check_bytes(item, "read")
+        self._check_bytes(c, item, "read")
         c.holding.append(item)
         c.cursor += 1
         if c.cursor == c.n:  # on_epoch_end
@@ -141,13 +146,13 @@ class World:
         queue = self.queues.get(wid)
         if not queue:
             return
-        bid, _ds, epoch, index, slot = queue.pop(0)
+        bid, ds, epoch, index, slot = queue.pop(0)
         segment = ""
         if slot >= 0:
-            self.slot_has[slot] = (epoch, index)
+            self.slot_has[slot] = (ds, epoch, index)
         else:
             segment = f"dataserver-x-big-{bid}"
-            self.seg_has[segment] = (epoch, index)
+            self.seg_has[segment] = (ds, epoch, index)
         self.s.done(wid, bid, segment, 8, b"")
 
     def kill(self, wid: int) -> None:
@@ -177,7 +182,7 @@ class World:
             c = self.clients.get(cid)
             assert c is not None, f"announcements for {cid!r} after it left"
             for item in items:
-                self._check_bytes(item, "announced")
+                self._check_bytes(c, item, "announced")
                 epoch, pos = item[0], item[1]
                 if pos < 0:
                     c.holding.append(item)  # a Fetch
@@ -199,11 +204,13 @@ class World:
         s.to_unlink.clear()
         self._check_slots()
 
-    def _check_bytes(self, item: list[Any], when: str) -> None:
+    def _check_bytes(self, c: Client, item: list[Any], when: str) -> None:
         epoch, pos, index, _bid, segment, offset = item[:6]
-        assert pos < 0 or self.s.datasets[0].order(epoch)[pos] == index, f"{when}: wrong index"
+        order = self.s.datasets[c.ds].order(epoch)
+        assert pos < 0 or order[pos] == index, f"{when}: wrong index"
         has = self.seg_has.get(segment) if segment else self.slot_has.get(offset // SLOT_BYTES)
-        assert has == (epoch, index), f"{when} batch {(epoch, index)} but its bytes are {has}"
+        want = (c.ds, epoch, index)
+        assert has == want, f"{when} batch {want} but its bytes are {has}"
 
     def _check_slots(self) -> None:
         s = self.s
@@ -225,13 +232,15 @@ def test_any_interleaving_keeps_slots_safe_and_every_consumer_finishes(data: Any
     world = World(slots=data.draw(st.integers(2, 8), label="slots"),
                   shuffle=data.draw(st.booleans(), label="shuffle"))
     for _ in range(data.draw(st.integers(1, 3), label="consumers")):
-        world.join(data.draw(st.booleans(), label="frames"))
+        world.join(data.draw(st.sampled_from([0, 0, 1]), label="dataset"),
+                       data.draw(st.booleans(), label="frames"))
     for _ in range(data.draw(st.integers(10, 80), label="steps")):
         op = data.draw(st.sampled_from(["ask", "read", "release", "block", "work", "work",
                                         "pause", "kill", "join", "leave", "fetch"]))
         clients = list(world.clients.values())
         if op == "join" and len(clients) < 4:
-            world.join(data.draw(st.booleans(), label="frames"))
+            world.join(data.draw(st.sampled_from([0, 0, 1]), label="dataset"),
+                       data.draw(st.booleans(), label="frames"))
         elif op == "kill":
             world.kill(data.draw(st.sampled_from(sorted(world.queues))))
         elif op == "work":
@@ -251,7 +260,7 @@ def test_any_interleaving_keeps_slots_safe_and_every_consumer_finishes(data: Any
             elif op == "pause":
                 world.pause(c)
             elif op == "fetch":
-                world.fetch(c, data.draw(st.integers(0, LENGTH - 1)))
+                world.fetch(c, data.draw(st.integers(0, LENGTHS[c.ds] - 1)))
             elif op == "leave" and len(clients) > 1:
                 world.leave(c)
         world.step()
