@@ -136,7 +136,10 @@ class Dispatch(Streams):
                 e.worker = -1
                 self.pending.appendleft(e)
                 retried.append(e)
-        return retried
+        # a generator item queued behind its worker's end: no ended generator can retry it
+        for ds in {e.ds for e in retried if e.stream}:
+            self._drop_unmakeable(ds)
+        return [e for e in retried if e.state == PENDING]
 
     def overdue(self, now: float, timeout: float) -> list[tuple[int, Entry]]:
         """Workers whose running batch started more than ``timeout`` seconds ago."""
@@ -161,13 +164,19 @@ class Dispatch(Streams):
         d.exhausted.add(self.workers[wid].index)
         self._free_slot(e.slot)
         self._forget(e)
-        if len(d.exhausted) >= self.worker_count:  # nobody left to make the queued ones
-            for p in [p for p in self.pending if p.stream and p.ds == e.ds and
+        self._drop_unmakeable(e.ds)
+
+    def _drop_unmakeable(self, ds: int) -> None:
+        """Once every worker's generator of ``ds`` has ended, nobody can make its queued
+        items: drop them, and end the stream for its consumers when nothing else is coming."""
+        d = self.datasets[ds]
+        if len(d.exhausted) >= self.worker_count:
+            for p in [p for p in self.pending if p.stream and p.ds == ds and
                       p.state == PENDING]:
                 p.state = READY  # skipped by dispatch; forgotten here
                 self._forget(p)
                 d.producing -= 1
-        self._stream_fill(e.ds)
+        self._stream_fill(ds)
 
     # --- dispatch ---------------------------------------------------------------------------
 

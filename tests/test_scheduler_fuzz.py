@@ -285,3 +285,107 @@ def test_any_interleaving_keeps_slots_safe_and_every_consumer_finishes(data: Any
     stuck = {cid: (c.epoch, c.cursor) for cid, c in world.clients.items()
              if c.done_epochs < goal[cid]}
     assert not stuck, f"consumers that never finished their epoch: {stuck}"
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.data())
+def test_a_generator_dataset_hands_out_every_item_once_however_workers_die(data: Any) -> None:
+    """Worker index w's generator yields (w, 0), (w, 1), ... up to its length; a replacement
+    resumes after the items its predecessors made. Consumers Take items, read and release
+    them; workers make them, end, or die mid-way. Every item reaches exactly one consumer, and
+    every consumer is told the stream ended once every generator has."""
+    lengths = data.draw(st.lists(st.integers(0, 6), min_size=1, max_size=3), label="lengths")
+    s = Scheduler([Dataset("gen", 0, stream=True)], max_retries=50, depth=3, barrier=[False])
+    s.set_ring(data.draw(st.integers(2, 6), label="slots"), SLOT_BYTES)
+    s.worker_count = len(lengths)
+    queues: dict[int, list[list[int]]] = {}
+    at: dict[int, int] = {}  # worker incarnation -> the next item its generator yields
+    index_of: dict[int, int] = {}
+    made: dict[int, tuple[int, int]] = {}  # bid -> the item made for it
+
+    def start(index: int) -> None:
+        wid = len(index_of) + 1
+        s.add_worker(WorkerState(wid, index, ready=True))
+        queues[wid], index_of[wid] = [], index
+        at[wid] = s.datasets[0].made[index]  # what the server tells a replacement to skip
+
+    for index in range(len(lengths)):
+        start(index)
+    cids = [f"c{i}".encode() for i in range(data.draw(st.integers(1, 3), label="consumers"))]
+    for cid in cids:
+        s.add_consumer(ConsumerState(cid, pid=1, same_host=True, name=cid.decode(), ds=0))
+    got: dict[bytes, list[tuple[int, int]]] = {cid: [] for cid in cids}
+    ended: set[bytes] = set()
+
+    def step() -> None:
+        s.dispatch()
+        for wid, tasks in s.out_tasks.items():
+            queues[wid].extend(tasks)
+        s.out_tasks.clear()
+        for cid, items in s.out_ready.items():
+            assert cid not in ended, "an item after StreamEnd"
+            got[cid].extend(made[item[3]] for item in items)
+            assert s.release(cid, [item[3] for item in items]) is None
+        s.out_ready.clear()
+        ended.update(s.out_ended)
+        s.out_ended.clear()
+
+    def work(wid: int) -> None:
+        if not queues.get(wid):
+            return
+        bid = queues[wid].pop(0)[0]
+        index = index_of[wid]
+        if at[wid] >= lengths[index]:
+            s.exhausted(wid, bid)
+        else:
+            made[bid] = (index, at[wid])
+            at[wid] += 1
+            s.done(wid, bid, "", 8, b"")
+
+    for _ in range(data.draw(st.integers(5, 60), label="steps")):
+        op = data.draw(st.sampled_from(["take", "work", "work", "kill"]))
+        if op == "take":
+            assert s.take(data.draw(st.sampled_from(cids)), data.draw(st.integers(1, 4))) is None
+        elif op == "work":
+            work(data.draw(st.sampled_from(sorted(queues))))
+        else:
+            wid = data.draw(st.sampled_from(sorted(queues)))
+            del queues[wid]
+            s.worker_gone(wid, "killed")
+            start(index_of[wid])
+        step()
+    for _ in range(200):  # every consumer takes on until told the stream ended
+        if len(ended) == len(cids):
+            break
+        for cid in cids:
+            if cid not in ended and not s.consumers[cid].takes:
+                assert s.take(cid, 2) is None
+        step()
+        for wid in sorted(queues):
+            work(wid)
+        step()
+    assert len(ended) == len(cids), "a consumer never told the stream ended"
+    handed = [item for items in got.values() for item in items]
+    everything = [(w, n) for w, length in enumerate(lengths) for n in range(length)]
+    assert sorted(handed) == everything, "each item exactly once"
+
+
+def test_a_stream_ends_when_its_last_worker_dies_after_its_generator_did() -> None:
+    """The one worker's generator ended with a second item queued behind; the worker dies
+    before answering for it. No generator is left to make it: the stream ends (the item was
+    retried forever, on no worker, and the consumers waited for good; found by the test
+    above)."""
+    s = Scheduler([Dataset("gen", 0, stream=True)], max_retries=5, depth=3, barrier=[False])
+    s.set_ring(4, SLOT_BYTES)
+    s.worker_count = 1
+    s.add_worker(WorkerState(1, 0, ready=True))
+    s.add_consumer(ConsumerState(b"c", pid=1, same_host=True, name="c", ds=0))
+    assert s.take(b"c", 2) is None
+    s.dispatch()
+    (first, *_), _second = s.out_tasks.pop(1)
+    s.exhausted(1, first)
+    assert not s.out_ended, "the second item may still come"
+    assert s.worker_gone(1, "killed") == []
+    s.add_worker(WorkerState(2, 0, ready=True))
+    s.dispatch()
+    assert s.out_ended == [b"c"] and not s.out_tasks and not s.pending
