@@ -1,10 +1,11 @@
 """The scheduler under random interleavings (bookkeeping only, no processes): consumers with
 shards (some getting frames, some reading a second dataset of the same pool and ring) that ask
 ahead, read, fetch at random, hold and release, pause, end epochs and leave; workers that finish
-tasks or die. Whatever the interleaving:
+tasks, die or hang. Whatever the interleaving:
 
 * a slot is never handed to a worker while a consumer holds a batch in it, nor while another
-  batch is being written there, and one-off segments are unlinked only once nobody holds them;
+  batch is being written there, nor ever again once a hung thread may write it; one-off
+  segments are unlinked only once nobody holds them;
 * every announcement is the batch at that position of the epoch's order, with its own bytes
   (each slot and segment remembers which batch was last written into it);
 * a frames consumer (its bytes sent with the announcement, one after another) gets each batch
@@ -72,6 +73,7 @@ class World:
         self.slot_has: dict[int, tuple[int, int, int] | None] = {}
         self.seg_has: dict[str, tuple[int, int, int]] = {}
         self.joined = 0
+        self.abandoned: set[int] = set()  # slots a hung thread may still write
 
     def _add_worker(self, index: int) -> None:
         self.s.add_worker(WorkerState(self.next_wid, index, ready=True))
@@ -155,14 +157,18 @@ class World:
             self.seg_has[segment] = (ds, epoch, index)
         self.s.done(wid, bid, segment, 8, b"")
 
-    def kill(self, wid: int) -> None:
+    def kill(self, wid: int, hung: bool = False) -> None:
+        """The worker died (or, ``hung``, is a thread abandoned on a batch: it may still write
+        its slots, which must never be used again)."""
         if wid not in self.queues:
             return
         w = self.s.workers[wid]
         for task in self.queues.pop(wid):
             if task[4] >= 0:
                 self.slot_has[task[4]] = None  # torn: half written
-        self.s.worker_gone(wid, "killed")
+                if hung:
+                    self.abandoned.add(task[4])
+        self.s.worker_gone(wid, "killed", quarantine=hung)
         self._add_worker(w.index)
 
     # --- the server's step: dispatch, deliver, unlink; then the checks -----------------------
@@ -176,6 +182,7 @@ class World:
             for task in tasks:
                 slot = task[4]
                 assert slot not in held_slots, f"slot {slot} handed to a worker while leased"
+                assert slot not in self.abandoned, f"slot {slot} of a hung thread reused"
                 self.queues[wid].append(task)
         s.out_tasks.clear()
         for cid, items in s.out_ready.items():
@@ -236,13 +243,13 @@ def test_any_interleaving_keeps_slots_safe_and_every_consumer_finishes(data: Any
                        data.draw(st.booleans(), label="frames"))
     for _ in range(data.draw(st.integers(10, 80), label="steps")):
         op = data.draw(st.sampled_from(["ask", "read", "release", "block", "work", "work",
-                                        "pause", "kill", "join", "leave", "fetch"]))
+                                        "pause", "kill", "hang", "join", "leave", "fetch"]))
         clients = list(world.clients.values())
         if op == "join" and len(clients) < 4:
             world.join(data.draw(st.sampled_from([0, 0, 1]), label="dataset"),
                        data.draw(st.booleans(), label="frames"))
-        elif op == "kill":
-            world.kill(data.draw(st.sampled_from(sorted(world.queues))))
+        elif op in ("kill", "hang"):
+            world.kill(data.draw(st.sampled_from(sorted(world.queues))), hung=op == "hang")
         elif op == "work":
             for wid in sorted(world.queues):
                 for _ in range(data.draw(st.integers(0, 2))):
