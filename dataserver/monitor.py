@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from dataserver.cache import reading
-from dataserver.procmem import MEMORY_KINDS, own_memory
+from dataserver.procmem import MEMORY_KINDS, own_memory, segments_memory
 
 if TYPE_CHECKING:
     from dataserver.scheduler import Scheduler
@@ -37,8 +37,9 @@ class Monitor:
         self._procs: dict[int, psutil.Process] = {}
         self.segments = segments
 
-    def process(self, pid: int) -> dict[str, Any]:
-        """Memory and CPU of ``pid``; None for what cannot be read."""
+    def process(self, pid: int, ring: bool = False) -> dict[str, Any]:
+        """Memory and CPU of ``pid``; None for what cannot be read. ``ring``: with its pages
+        of the server's segments (cheaper: those take a walk of /proc/PID/smaps)."""
         out: dict[str, Any] = dict.fromkeys((*MEMORY_KINDS, "cpu_percent"))
         p = self._procs.get(pid)
         try:
@@ -46,10 +47,19 @@ class Monitor:
                 p = self._procs[pid] = psutil.Process(pid)
                 p.cpu_percent(None)  # the first call only starts the clock
             out["cpu_percent"] = p.cpu_percent(None)
-            out.update(own_memory(p, self.segments))
+            out.update(own_memory(p, None if ring else self.segments))
         except psutil.Error:
             self._procs.pop(pid, None)
         return out
+
+    def ring_share(self, pid: int, kind: str) -> int:
+        """``pid``'s pages of the server's segments, as memory of ``kind`` (0 if unreadable)."""
+        if self.segments is None:
+            return 0
+        try:
+            return segments_memory(pid, self.segments)[kind]
+        except OSError:
+            return 0
 
     def forget_dead(self, alive: set[int]) -> None:
         for pid in list(self._procs):

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 import seqs
 from dataserver.client import RemoteSequence
 from dataserver.errors import ConfigError
+from dataserver.server import HOUSEKEEPING_INTERVAL_S
 from dataserver.status import fetch_status
 from helpers import wait_for, worker_pids
 
@@ -39,6 +42,53 @@ def test_worker_over_its_memory_cap_is_replaced_and_nothing_is_lost(serve: Any) 
     assert {w["pid"] for w in status["workers"]} != pids_before
     assert all(w["uss"] < 100 << 20 for w in status["workers"])
     assert read_epoch(server.endpoint, 2) == [list(range(40))] * 2
+
+
+@pytest.mark.timeout(90)
+def test_ring_pages_a_worker_wrote_do_not_count_toward_its_cap(serve: Any) -> None:
+    """Batches made ahead and not read yet are in ring pages mapped by their worker alone, so
+    psutil counts them in its USS: ~48 MiB per worker here, over a 40 MiB cap the worker's own
+    memory stays well under. Nobody is replaced."""
+    server = serve(seqs.Indexed(64, rows=1024, cols=1024), workers=2, prefetch=24,
+                   max_worker_memory="40MiB")
+    with RemoteSequence(server.endpoint) as seq:
+        it = iter(seq)
+        assert int(next(it)[1][0]) == 0  # the rest of the prefetch is made, and not read
+
+        def settled() -> dict[str, Any] | None:
+            status = fetch_status(server.endpoint)
+            idle = all(w["state"] == "idle" for w in status["workers"])
+            return status if idle and status["ring"]["held"] >= 20 else None
+
+        wait_for(settled, "the prefetch to be made")
+        raw = [psutil.Process(pid).memory_full_info().uss for pid in worker_pids(server.endpoint)]
+        assert max(raw) > 40 << 20, f"the setting does not test the cap: USS {raw}"
+        time.sleep(3 * HOUSEKEEPING_INTERVAL_S)  # a few passes of the caps check
+        status = fetch_status(server.endpoint)
+        assert not status["counters"].get("memory_cap_restarts"), status["counters"]
+        assert not any(w["retiring"] for w in status["workers"])
+        del it
+
+
+def test_growth_that_is_the_ring_filling_is_not_flagged() -> None:
+    """A worker's USS rising batch after batch because it writes ring slots nobody has read
+    yet is not a leak; the same rise with no ring pages held is."""
+    from types import SimpleNamespace
+
+    from dataserver.caps import GROWTH_SAMPLES, Caps
+    from dataserver.scheduler import WorkerState
+
+    def feed(ring_now: int) -> bool:
+        side: Any = SimpleNamespace(mem_history={}, growing=set(),
+                                    _ring_share=lambda _w: ring_now)
+        w = WorkerState(1, 0, ready=True)
+        for k in range(GROWTH_SAMPLES):
+            w.done = k + 1
+            Caps._note_memory(side, w, (20 << 20) + k * (8 << 20))  # +72 MiB in all
+        return 1 in side.growing
+
+    assert not feed(ring_now=72 << 20), "the rise is the ring's pages"
+    assert feed(ring_now=0), "the rise is the worker's own"
 
 
 def test_worker_is_replaced_after_max_tasks(serve: Any) -> None:
