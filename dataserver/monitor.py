@@ -36,6 +36,8 @@ class Monitor:
         are left out of each process's figures (:func:`dataserver.procmem.segment_prefix`)."""
         self._procs: dict[int, psutil.Process] = {}
         self.segments = segments
+        self._figures: dict[int, tuple[float, dict[str, Any]]] = {}  # pid -> (when, figures)
+        self._refresh_pids: set[int] = set()  # set by snapshot(): the workers read anew
 
     def process(self, pid: int, ring: bool = False) -> dict[str, Any]:
         """Memory and CPU of ``pid``; None for what cannot be read. ``ring``: with its pages
@@ -50,7 +52,15 @@ class Monitor:
             out.update(own_memory(p, None if ring else self.segments))
         except psutil.Error:
             self._procs.pop(pid, None)
+        if not ring:  # what snapshots show (and reuse)
+            self._figures[pid] = (time.monotonic(), out)
         return out
+
+    def _refreshed(self, pids: list[int], limit: int | None) -> set[int]:
+        """Of ``pids``, those to read anew: all, or the ``limit`` read longest ago."""
+        if limit is None or len(pids) <= limit:
+            return set(pids)
+        return set(sorted(pids, key=lambda pid: self._figures.get(pid, (0.0, {}))[0])[:limit])
 
     def ring_share(self, pid: int, kind: str) -> int:
         """``pid``'s pages of the server's segments, as memory of ``kind`` (0 if unreadable)."""
@@ -65,12 +75,21 @@ class Monitor:
         for pid in list(self._procs):
             if pid not in alive:
                 del self._procs[pid]
+        for pid in list(self._figures):
+            if pid not in alive:
+                del self._figures[pid]
 
-    def snapshot(self, server: Server) -> dict[str, Any]:
+    def snapshot(self, server: Server, fresh: int | None = None) -> dict[str, Any]:
+        """The status snapshot. ``fresh``: read at most that many process workers' memory
+        anew (each read walks its /proc/PID/smaps, ~2 ms with a big ring mapped), the others'
+        as last read; None: all of them (a status request)."""
         sched = server.sched
         assert sched is not None
         now = time.monotonic()
         cfg = server.config
+        local = cfg.backend != "ray" and cfg.worker_type == "process"
+        pids = [w.pid for w in sched.workers.values() if w.pid] if local else []
+        self._refresh_pids = self._refreshed(pids, fresh)
         workers = [self._worker(server, w, now) for w in sched.workers.values()]
         fork_server = getattr(server.pool, "fork_server_pid", None)  # not the Ray backend's
         fs_pid = fork_server() if fork_server is not None else None
@@ -132,7 +151,11 @@ class Monitor:
             item["host"] = w.host
             item["transport"] = "frames" if w.frames else "shm"
         elif cfg.worker_type == "process":
-            item.update(self.process(w.pid))
+            last = self._figures.get(w.pid)
+            if w.pid in self._refresh_pids or last is None:
+                item.update(self.process(w.pid))
+            else:
+                item.update(last[1])
         else:
             item.update(dict.fromkeys((*MEMORY_KINDS, "cpu_percent")))
             item["memory_note"] = "thread worker: shares the server process's memory"

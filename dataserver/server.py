@@ -28,6 +28,7 @@ import zmq
 
 from dataserver import shm
 from dataserver._proc import pid_alive
+from dataserver.caps import MEMORY_READS_PER_PASS
 from dataserver.config import ServerConfig
 from dataserver.consumers import DATASET, ConsumerSide
 from dataserver.errors import DataServerError, SharedMemoryError
@@ -241,7 +242,7 @@ class Server(StartUp, ConsumerSide):
         if self.state == "running":
             self._check_caps(now)
         if self.exporter is not None and self.state == "running":
-            self.exporter.update(self.monitor.snapshot(self))
+            self.exporter.update(self.monitor.snapshot(self, fresh=MEMORY_READS_PER_PASS))
 
     def _maybe_warn_oversize(self, now: float) -> None:
         sched = self.sched

@@ -500,3 +500,15 @@ def test_top_refreshes_shows_an_outage_and_exits_0_on_ctrl_c(serve: Any) -> None
         _, err = proc.communicate()
         term.close()
     assert "Traceback" not in err, err
+
+
+def test_metrics_snapshots_read_a_few_workers_anew_each_time() -> None:
+    """Reading a worker's memory walks its smaps (~2 ms with a big ring mapped): the exporter's
+    snapshot every half second reads the few read longest ago anew, never yet read first."""
+    from dataserver.monitor import Monitor
+
+    m = Monitor()
+    m._figures = {pid: (float(pid), {}) for pid in range(10, 18)}  # pid 10 read longest ago
+    assert m._refreshed([10, 11, 12], None) == {10, 11, 12}
+    assert m._refreshed([*range(10, 18), 99], 3) == {99, 10, 11}
+    assert m._refreshed([17, 16], 4) == {16, 17}
