@@ -28,3 +28,17 @@ def worker_pids(endpoint: str) -> list[int]:
 
     return [w["pid"] for w in fetch_status(endpoint)["workers"]
             if w["state"] != "starting" and w["kind"] == "process"]
+
+
+def wait_prefetched(endpoint: str, held: int) -> dict[str, Any]:
+    """Wait until every worker is idle with at least ``held`` ring slots leased or written
+    (the prefetch made and not read); returns that status."""
+    from dataserver.status import fetch_status
+
+    def settled() -> dict[str, Any] | None:
+        status: dict[str, Any] = fetch_status(endpoint)
+        idle = all(w["state"] == "idle" for w in status["workers"])
+        return status if idle and status["ring"]["held"] >= held else None
+
+    status: dict[str, Any] = wait_for(settled, "the prefetch to be made")
+    return status

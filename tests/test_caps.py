@@ -16,7 +16,7 @@ from dataserver.client import RemoteSequence
 from dataserver.errors import ConfigError
 from dataserver.server import HOUSEKEEPING_INTERVAL_S
 from dataserver.status import fetch_status
-from helpers import wait_for, worker_pids
+from helpers import wait_for, wait_prefetched, worker_pids
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -54,13 +54,7 @@ def test_ring_pages_a_worker_wrote_do_not_count_toward_its_cap(serve: Any) -> No
     with RemoteSequence(server.endpoint) as seq:
         it = iter(seq)
         assert int(next(it)[1][0]) == 0  # the rest of the prefetch is made, and not read
-
-        def settled() -> dict[str, Any] | None:
-            status = fetch_status(server.endpoint)
-            idle = all(w["state"] == "idle" for w in status["workers"])
-            return status if idle and status["ring"]["held"] >= 20 else None
-
-        wait_for(settled, "the prefetch to be made")
+        wait_prefetched(server.endpoint, held=20)
         raw = [psutil.Process(pid).memory_full_info().uss for pid in worker_pids(server.endpoint)]
         assert max(raw) > 40 << 20, f"the setting does not test the cap: USS {raw}"
         time.sleep(3 * HOUSEKEEPING_INTERVAL_S)  # a few passes of the caps check

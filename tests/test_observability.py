@@ -35,6 +35,7 @@ from dataserver.procmem import segment_prefix, segments_memory
 from dataserver.shm import shm_dir as isolated_shm_dir
 from dataserver.status import fetch_status
 from dataserver.top import sparkline
+from helpers import wait_prefetched
 
 HERE = Path(__file__).parent
 DOC = HERE.parent / "docs" / "status.md"
@@ -251,13 +252,7 @@ def test_worker_memory_leaves_out_the_ring_pages_it_wrote(serve: Any) -> None:
         assert int(seq[0][1][0]) == 0
         it = iter(seq)
         assert int(next(it)[1][0]) == 0  # the rest of the prefetch is made, and not read
-
-        def settled() -> dict[str, Any] | None:
-            snap = fetch_status(server.endpoint)
-            idle = all(w["state"] == "idle" for w in snap["workers"])
-            return snap if idle and snap["ring"]["held"] >= 20 else None
-
-        snap = wait_for(settled, "the prefetch to be made")
+        snap = wait_prefetched(server.endpoint, held=20)
         prefix = segment_prefix(isolated_shm_dir(), snap["server"]["id"])
         raw = {w["pid"]: psutil.Process(w["pid"]).memory_full_info().uss
                for w in snap["workers"]}
