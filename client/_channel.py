@@ -2,7 +2,12 @@
 server grants them (``OpenPipes`` -> ``Pipes``: a local consumer's short messages both ways,
 see dataserver.fifo), and a heartbeat thread for a consumer whose pid the server cannot watch.
 
-It moves encoded messages and nothing else: what they mean is RemoteSequence's business.
+It moves encoded messages and nothing else: what they mean is RemoteSequence's business. It
+keeps their order, which matters (a Want for epoch 1 handled after one for epoch 2 makes
+process workers run ``on_epoch_end`` twice before epoch 1's batches): the FIFOs are granted
+before anything else is sent; a message goes by FIFO, waiting while the server drains a full
+one; once one cannot (too long, or the server stalled past the timeout), every later one goes
+by socket. The server reads the FIFO before the socket, so nothing sent later overtakes.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dataserver.protocol import (
     Alive,
     Hello,
     Message,
+    OpenPipes,
     Pipes,
     Refused,
     Welcome,
@@ -59,8 +65,8 @@ def _heartbeats(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, identity: by
 
 
 class Channel:
-    """``send`` a message; ``poll`` for news; ``receive`` what came, FIFO records first (the
-    server writes there before it falls back to the socket, so this keeps its order).
+    """``send`` a message; ``poll`` for news; ``receive`` what came, FIFO records first (a
+    record written before a socket message was sent is read with it, and goes first).
     ``frames``: batch bytes follow Ready messages on the socket, kept as zmq frames."""
 
     def __init__(self, endpoint: str, curve_keys: str | None) -> None:
@@ -69,6 +75,8 @@ class Channel:
         self.down: Inbox | None = None
         self.up: Outbox | None = None
         self._poller: zmq.Poller | None = None
+        self.fifo_wait_s = 0.0  # how long a send waits for room in a full FIFO
+        self._early: list[bytes] = []  # what came while waiting for Pipes
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self.sock: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
         self.identity = b"c" + os.urandom(8)
@@ -111,8 +119,33 @@ class Channel:
 
     def send(self, msg: Message) -> None:
         data = encode(msg)
-        if self.up is None or not self.up.send(data):
-            self.sock.send(data)
+        if self.up is not None:
+            if self.up.send(data, self.fifo_wait_s):
+                return
+            # too long for one record, or the server stalled: the socket from now on
+            self.up.close()
+            self.up = None
+        self.sock.send(data)
+
+    def request_pipes(self, timeout: float) -> None:
+        """Ask for the FIFOs and take the answer before anything else is sent (a message sent
+        by socket first could reach the server after later ones sent through them). Refused
+        (the server has none), the socket stays the only path."""
+        self.fifo_wait_s = timeout
+        self.send(OpenPipes())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.sock.poll(POLL_SLICE_MS):
+                data = self.sock.recv()
+                msg = decode(data)
+                if isinstance(msg, Pipes):
+                    self.open_pipes(msg)
+                    return
+                if isinstance(msg, Refused):
+                    return
+                self._early.append(data)  # handed over by receive()
+        raise ServerUnavailable(f"the dataserver at {self.endpoint} did not answer OpenPipes "
+                                f"within {timeout:g} s")
 
     def open_pipes(self, msg: Pipes) -> None:
         """The server granted FIFOs: read its short messages there too, write ours there."""
@@ -138,6 +171,8 @@ class Channel:
         self.down = self.up = self._poller = None
 
     def poll(self, timeout_ms: int) -> bool:
+        if self._early:
+            return True
         return bool(self._poller.poll(timeout_ms) if self._poller is not None
                     else self.sock.poll(timeout_ms))
 
@@ -153,19 +188,22 @@ class Channel:
                     got.append((self.sock.recv(zmq.NOBLOCK), None))
             except zmq.Again:
                 break
-        if self.down is None:
-            return got
-        # read after the socket: whatever the FIFO holds was written before those
-        piped: list[tuple[bytes, list[Any] | None]] = [(data, None)
-                                                      for _token, data in self.down.read()]
-        if self.down.ended:  # the server closed our FIFO: the socket only
-            self.close_pipes()
-        return piped + got
+        if self.down is not None:
+            # read after the socket: whatever the FIFO holds was written before those
+            got = [(data, None) for _token, data in self.down.read()] + got
+            if self.down.ended:  # the server closed our FIFO: it sends by socket only
+                self.down.close()
+                self.down = self._poller = None
+        if self._early:  # came before the FIFOs existed: before everything else
+            got = [(data, None) for data in self._early] + got
+            self._early.clear()
+        return got
 
     def close(self, last: list[Message]) -> None:
         """Send ``last`` (the goodbyes), then close everything. Safe to call twice."""
         try:
             if self._finalizer.alive:
+                self.fifo_wait_s = 0.0  # leaving: a stalled server gets these by socket
                 for msg in last:
                     self.send(msg)
                 self.sock.close(linger=1000)

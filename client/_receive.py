@@ -19,7 +19,6 @@ from dataserver.protocol import (
     Failed,
     Message,
     Ping,
-    Pipes,
     Pong,
     Ready,
     Refused,
@@ -39,6 +38,8 @@ __all__ = ["RELEASE_GRACE_MS", "URGENT_AFTER_S", "Receiver"]
 URGENT_AFTER_S = 0.05
 #: Waiting for a batch with releases held back, send them after this long without news.
 RELEASE_GRACE_MS = 2
+#: Batch ids per Release message: a message of 400 fits one FIFO record even as 64-bit ids.
+RELEASES_PER_MESSAGE = 400
 
 
 class Receiver:
@@ -68,13 +69,12 @@ class Receiver:
 
     def _flush_releases(self) -> None:
         if self._batches.releases:
-            self._send(Release(self._batches.take_releases()))
+            bids = self._batches.take_releases()
+            for start in range(0, len(bids), RELEASES_PER_MESSAGE):  # each fits a FIFO record
+                self._send(Release(bids[start : start + RELEASES_PER_MESSAGE]))
 
     def _handle(self, data: bytes, frames: list[Any] | None = None) -> None:
         msg = decode(data)
-        if isinstance(msg, Pipes):
-            self._channel.open_pipes(msg)
-            return
         if self._channel.frames and isinstance(msg, Ready):  # each item's bytes follow it
             if frames is None or len(frames) != len(msg.items):
                 raise ProtocolError("batch frames do not match the Ready message")

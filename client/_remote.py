@@ -27,7 +27,6 @@ from dataserver.protocol import (
     Failed,
     Fetch,
     Hello,
-    OpenPipes,
     Release,
     Take,
     UseFrames,
@@ -120,7 +119,7 @@ class RemoteSequence(Receiver):
         if self.transport == "shm" and w.ring:
             self._batches = ShmBatches(Path(w.shm_dir), w.ring, w.server_id, self.copy)
             if same_host:
-                self._send(OpenPipes())
+                self._channel.request_pipes(self.timeout)
         else:
             self._batches = FrameBatches(self.copy)
             self._channel.frames = True

@@ -82,23 +82,27 @@ class ConsumerSide:
 
     def _send_client(self, cid: bytes, data: bytes) -> bool:
         """Send through the consumer's FIFO if it has one and ``data`` fits, else the socket.
-        False only when it was too long for the FIFO and the caller may split it."""
+        False only when it was too long for the FIFO and the caller may split it. What goes
+        this way may arrive out of order (announcements and failures are filed by position);
+        StreamEnd, which must come last, goes by socket (see Server._flush)."""
         pipe = self._pipes.get(cid)
         if pipe is not None and pipe[2].send(data):
             return True
         if pipe is not None and len(data) > MAX_MESSAGE:
             return False
+        self._send_client_socket(cid, data)
+        return True
+
+    def _send_client_socket(self, cid: bytes, data: bytes) -> None:
         assert self.clients is not None
         self.clients.send_multipart([cid, data])
-        return True
 
     def _send_ready(self, cid: bytes, items: list[list[Any]]) -> None:
         data = encode(Ready(items))
         if self._send_client(cid, data):
             return
         if len(items) == 1:  # one announcement longer than a FIFO write: the socket
-            assert self.clients is not None
-            self.clients.send_multipart([cid, data])
+            self._send_client_socket(cid, data)
             return
         half = len(items) // 2
         self._send_ready(cid, items[:half])

@@ -11,7 +11,9 @@ many messages with one ``read``.
 A record is ``<u32 length><u32 token>`` then one encoded message; the token says who wrote it
 (a worker's incarnation, a consumer's number). A writer whose message is longer, or who finds
 the FIFO full, sends it over its ZeroMQ socket instead, so a FIFO is only ever a faster path
-beside the socket, never the only one. The FIFOs live in the server's private runtime directory
+beside the socket, never the only one. Where order matters (tasks to a worker, a consumer's
+requests) the writer then stays on the socket, and the reader reads the FIFO before the
+socket whenever the socket has news, so nothing sent later overtakes what was written here. The FIFOs live in the server's private runtime directory
 (0700), like its sockets, and whatever is read from them is checked like socket messages.
 """
 
@@ -23,6 +25,7 @@ import os
 import select
 import stat
 import struct
+import time
 
 __all__ = ["MAX_MESSAGE", "Inbox", "Outbox"]
 
@@ -107,17 +110,30 @@ class Outbox:
         self.fd = _open_fifo(path, os.O_WRONLY)
         self.token = token
 
-    def send(self, data: bytes) -> bool:
+    def send(self, data: bytes, wait_s: float = 0.0) -> bool:
+        """Write one record; False when it is too long, the reader is gone, or the FIFO is
+        still full after ``wait_s`` seconds (nothing was written then)."""
         if len(data) > MAX_MESSAGE or self.fd < 0:
             return False
-        try:
-            os.write(self.fd, _HEADER.pack(len(data), self.token) + data)
-        except BlockingIOError:  # full (the reader is behind): nothing was written
-            return False
-        except OSError:  # the reader is gone (EPIPE): the socket will say why
-            self.close()
-            return False
-        return True
+        record = _HEADER.pack(len(data), self.token) + data
+        deadline = None
+        while True:
+            try:
+                os.write(self.fd, record)
+                return True
+            except BlockingIOError:  # full (the reader is behind): nothing was written
+                if wait_s <= 0:
+                    return False
+                now = time.monotonic()
+                deadline = now + wait_s if deadline is None else deadline
+                if now >= deadline:
+                    return False
+                poller = select.poll()
+                poller.register(self.fd, select.POLLOUT)
+                poller.poll(max(1, int((deadline - now) * 1000)))
+            except OSError:  # the reader is gone (EPIPE): the socket will say why
+                self.close()
+                return False
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -145,9 +145,12 @@ class Server(StartUp, ConsumerSide):
         assert self.clients is not None and self.workers_sock is not None
         events = dict(self.poller.poll(timeout_ms))
         self._reap_frames()  # before answering anything: status must not count sent frames
-        if self.answers is not None and self.answers.fd in events:
+        # each FIFO before its socket, also when only the socket polled ready: a record written
+        # before a socket message was sent may land just after poll() looked at the FIFO
+        if self.answers is not None and (self.answers.fd in events
+                                         or self.workers_sock in events):
             self._on_answers()
-        if self.up is not None and self.up.fd in events:
+        if self.up is not None and (self.up.fd in events or self.clients in events):
             self._on_up()
         if self.workers_sock in events:
             self._drain(self.workers_sock, self._on_worker_frames, self._worker_copy)
@@ -199,7 +202,9 @@ class Server(StartUp, ConsumerSide):
             self._send_client(cid, encode(failed))
         sched.out_failed.clear()
         for cid in sched.out_ended:
-            self._send_client(cid, encode(StreamEnd()))
+            # by socket, never the FIFO: an announcement that went by socket before it (too
+            # long, or the FIFO full) must not be overtaken; what went by FIFO is read first
+            self._send_client_socket(cid, encode(StreamEnd()))
         sched.out_ended.clear()
         for name in sched.to_unlink:
             shm.unlink(self.shm_dir / name)

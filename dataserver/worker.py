@@ -253,7 +253,8 @@ class _Worker:
             # the FIFO first: the server sends by socket only what it could not send there,
             # and never by the FIFO again after that (dataserver.supervise), so this keeps order
             received: list[bytes] = []
-            if self.tasks is not None and self.tasks.fd in events:
+            # also when only the socket polled ready: what the FIFO holds was written first
+            if self.tasks is not None and (self.tasks.fd in events or self.sock in events):
                 received += [data for _token, data in self.tasks.read()]
             if self.sock in events:
                 while True:

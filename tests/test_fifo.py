@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import struct
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -16,8 +17,10 @@ import pytest
 import seqs
 from dataserver import shm
 from dataserver.client import RemoteSequence
+from dataserver.client._channel import Channel
+from dataserver.client._receive import Receiver
 from dataserver.fifo import MAX_MESSAGE, Inbox, Outbox
-from dataserver.protocol import Tasks, UseRing, decode
+from dataserver.protocol import EpochEnd, Release, Tasks, UseRing, Want, decode, encode
 from dataserver.status import fetch_status
 from dataserver.supervise import WorkerSide
 from helpers import wait_for
@@ -94,6 +97,94 @@ def test_announcements_too_long_for_the_fifo_still_arrive_in_order(serve: Any,
     # the consumer left: its FIFO is gone while the server runs on
     wait_for(lambda: not any(n.startswith("down-") for n in _fifos(server)),
              "the departed consumer's FIFO to be removed")
+
+
+def _count_socket_sends(rs: RemoteSequence) -> list[bytes]:
+    sent: list[bytes] = []
+    send = rs._channel.sock.send
+
+    def spy(data: bytes, *args: Any, **kw: Any) -> Any:
+        sent.append(data)
+        return send(data, *args, **kw)
+
+    rs._channel.sock.send = spy  # type: ignore[method-assign]
+    return sent
+
+
+def test_a_consumer_sends_everything_by_fifo_once_connected(serve: Any) -> None:
+    """A Want sent by socket before the FIFOs opened could reach the server after a later one
+    sent through them: a process worker then saw epoch 2's tasks before epoch 1's and ran
+    on_epoch_end twice before making epoch 1 (the likely cause of test_core's on_epoch_end test
+    failing now and then on a busy machine). The
+    FIFOs are granted while connecting, before the first Want."""
+    server = serve(seqs.EpochTagged(20))
+    with RemoteSequence(server.endpoint) as rs:
+        assert rs._channel.up is not None and rs._channel.down is not None
+        by_socket = _count_socket_sends(rs)
+        for epoch in range(3):
+            assert [(int(y[0]), int(y[1])) for _x, y in rs] == [(i, epoch) for i in range(20)]
+            rs.on_epoch_end()
+        assert by_socket == []
+
+
+def test_a_stalled_server_makes_the_consumer_wait_for_fifo_room(serve: Any) -> None:
+    """With the up FIFO full (the server stopped), a consumer waits for room instead of
+    sending by socket, which could overtake what waits in the FIFO."""
+    server = serve(seqs.Indexed(30))
+    up = shm.runtime_root() / fetch_status(server.endpoint)["server"]["id"] / "up.fifo"
+    with RemoteSequence(server.endpoint) as rs:
+        by_socket = _count_socket_sends(rs)
+        os.kill(server.pid, signal.SIGSTOP)
+        resumed = threading.Timer(0.5, os.kill, (server.pid, signal.SIGCONT))
+        try:
+            stranger = Outbox(str(up), 12345)  # records the server drops, once it reads them
+            while stranger.send(b"z" * 1000):
+                pass
+            stranger.close()
+            resumed.start()
+            assert [int(y[0]) for _x, y in rs] == list(range(30))
+        finally:
+            resumed.cancel()
+            os.kill(server.pid, signal.SIGCONT)
+        assert by_socket == [] and rs._channel.up is not None
+
+
+class _Sock:
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    def send(self, data: bytes) -> None:
+        self.sent.append(decode(data))
+
+
+def test_a_message_too_long_for_the_fifo_sends_all_after_it_by_socket(tmp_path: Path) -> None:
+    """The server reads the FIFO before the socket: going back to the FIFO after a message
+    went by socket would let the later message overtake it."""
+    inbox = Inbox(str(tmp_path / "up"))
+    channel = Channel(f"ipc://{tmp_path}/nobody.sock", None)
+    real, fake = channel.sock, _Sock()
+    channel.up, channel.sock = Outbox(inbox.path, 4), fake  # type: ignore[assignment]
+    try:
+        channel.send(Want(0, 0, 1, 1, False))
+        channel.send(Release(list(range(1 << 40, (1 << 40) + 1000))))  # > one record
+        channel.send(EpochEnd(0))
+        assert [decode(d) for _t, d in inbox.read()] == [Want(0, 0, 1, 1, False)]
+        assert [type(m) for m in fake.sent] == [Release, EpochEnd]
+        assert channel.up is None
+    finally:
+        channel.sock = real
+        channel.close([])
+        inbox.close()
+
+
+def test_releases_go_in_messages_that_fit_a_fifo_record() -> None:
+    bids = list(range(1 << 40, (1 << 40) + 1000))
+    sent: list[Any] = []
+    fake = SimpleNamespace(_batches=SimpleNamespace(releases=[1], take_releases=lambda: bids),
+                           _send=sent.append)
+    Receiver._flush_releases(fake)  # type: ignore[arg-type]
+    assert all(len(encode(m)) <= MAX_MESSAGE for m in sent) and len(sent) == 3
+    assert [b for m in sent for b in m.bids] == bids
 
 
 def test_frames_consumers_get_no_fifo_and_strangers_are_ignored(serve: Any) -> None:
