@@ -20,7 +20,7 @@ from dataserver import shm
 from dataserver._proc import pid_namespace
 from dataserver.errors import ProtocolError
 from dataserver.fifo import MAX_MESSAGE, Inbox, Outbox
-from dataserver.monitor import Monitor
+from dataserver.monitor import STATUS_READS, Monitor
 from dataserver.protocol import (
     MAX_CONSUMER_MESSAGE_BYTES,
     VERSION,
@@ -233,7 +233,7 @@ class ConsumerSide:
             self.clients.send_multipart([cid, encode(Pong())])
             return None
         if isinstance(msg, (Status, Stacks)):
-            snap = self.monitor.snapshot(cast("Server", self))
+            snap = self.monitor.snapshot(cast("Server", self), fresh=STATUS_READS)
             if isinstance(msg, Stacks):
                 snap["stacks"] = cast("Server", self)._stacks()
             snapshot = msgpack.packb(snap, use_bin_type=True)

@@ -24,10 +24,13 @@ if TYPE_CHECKING:
     from dataserver.server import Server
     from dataserver.state import ConsumerState, WorkerState
 
-__all__ = ["SCHEMA_VERSION", "Monitor"]
+__all__ = ["SCHEMA_VERSION", "STATUS_READS", "Monitor"]
 
 #: Bumped when a field of the snapshot changes meaning or disappears (adding one does not).
 SCHEMA_VERSION = 1
+#: Process workers whose memory a status request reads anew (those read longest ago); the
+#: others show their figures as last read by the metrics' snapshots or earlier requests.
+STATUS_READS = 8
 
 
 class Monitor:
@@ -56,8 +59,9 @@ class Monitor:
             self._figures[pid] = (time.monotonic(), out)
         return out
 
-    def _refreshed(self, pids: list[int], limit: int | None) -> set[int]:
-        """Of ``pids``, those to read anew: all, or the ``limit`` read longest ago."""
+    def due(self, pids: list[int], limit: int | None) -> set[int]:
+        """Of ``pids``, those to read anew: all, or the ``limit`` read longest ago (never
+        read first)."""
         if limit is None or len(pids) <= limit:
             return set(pids)
         return set(sorted(pids, key=lambda pid: self._figures.get(pid, (0.0, {}))[0])[:limit])
@@ -81,15 +85,16 @@ class Monitor:
 
     def snapshot(self, server: Server, fresh: int | None = None) -> dict[str, Any]:
         """The status snapshot. ``fresh``: read at most that many process workers' memory
-        anew (each read walks its /proc/PID/smaps, ~2 ms with a big ring mapped), the others'
-        as last read; None: all of them (a status request)."""
+        anew (each read walks its /proc/PID/smaps, ~2 ms with a big ring mapped), those read
+        longest ago, the others' as last read (``memory_age_s`` says when; one never read is
+        read); None: all of them."""
         sched = server.sched
         assert sched is not None
         now = time.monotonic()
         cfg = server.config
         local = cfg.backend != "ray" and cfg.worker_type == "process"
         pids = [w.pid for w in sched.workers.values() if w.pid] if local else []
-        self._refresh_pids = self._refreshed(pids, fresh)
+        self._refresh_pids = self.due(pids, fresh)
         workers = [self._worker(server, w, now) for w in sched.workers.values()]
         fork_server = getattr(server.pool, "fork_server_pid", None)  # not the Ray backend's
         fs_pid = fork_server() if fork_server is not None else None
@@ -154,8 +159,10 @@ class Monitor:
             last = self._figures.get(w.pid)
             if w.pid in self._refresh_pids or last is None:
                 item.update(self.process(w.pid))
+                item["memory_age_s"] = 0.0
             else:
                 item.update(last[1])
+                item["memory_age_s"] = time.monotonic() - last[0]  # > 0: not read now
         else:
             item.update(dict.fromkeys((*MEMORY_KINDS, "cpu_percent")))
             item["memory_note"] = "thread worker: shares the server process's memory"

@@ -68,7 +68,8 @@ SCHEMA: dict[str, dict[str, str]] = {
         "retiring": "str or null", "growing": "bool", "rss": "int or null",
         "uss": "int or null", "pss": "int or null", "swap": "int or null",
         "cpu_percent": "float or null", "memory_note": "str (optional)",
-        "host": "str (optional)", "transport": "str (optional)",
+        "memory_age_s": "float (optional)", "host": "str (optional)",
+        "transport": "str (optional)",
     },
     "ring": {
         "slots": "int", "slot_bytes": "int", "held": "int", "cached": "int", "free": "int",
@@ -497,6 +498,23 @@ def test_top_refreshes_shows_an_outage_and_exits_0_on_ctrl_c(serve: Any) -> None
     assert "Traceback" not in err, err
 
 
+@pytest.mark.timeout(120)
+def test_a_status_request_reads_a_few_workers_memory_anew(serve: Any) -> None:
+    """Each read walks the worker's page tables while the server's loop waits: a status
+    request reads at most STATUS_READS workers anew, and says how old the others' are."""
+    from dataserver.monitor import STATUS_READS
+
+    workers = STATUS_READS + 3
+    server = serve(seqs.Indexed(4), workers=workers)
+    wait_for(lambda: all(w["state"] != "starting" for w in fetch_status(server.endpoint)[
+        "workers"]), "every worker to start")
+    fetch_status(server.endpoint)  # whatever was never read is read now
+    ages = [w["memory_age_s"] for w in fetch_status(server.endpoint)["workers"]]
+    assert len(ages) == workers and all(a >= 0 for a in ages)
+    assert sum(a == 0 for a in ages) == STATUS_READS, ages
+    assert all(w["uss"] for w in fetch_status(server.endpoint)["workers"])
+
+
 def test_metrics_snapshots_read_a_few_workers_anew_each_time() -> None:
     """Reading a worker's memory walks its smaps (~2 ms with a big ring mapped): the exporter's
     snapshot every half second reads the few read longest ago anew, never yet read first."""
@@ -504,6 +522,6 @@ def test_metrics_snapshots_read_a_few_workers_anew_each_time() -> None:
 
     m = Monitor()
     m._figures = {pid: (float(pid), {}) for pid in range(10, 18)}  # pid 10 read longest ago
-    assert m._refreshed([10, 11, 12], None) == {10, 11, 12}
-    assert m._refreshed([*range(10, 18), 99], 3) == {99, 10, 11}
-    assert m._refreshed([17, 16], 4) == {16, 17}
+    assert m.due([10, 11, 12], None) == {10, 11, 12}
+    assert m.due([*range(10, 18), 99], 3) == {99, 10, 11}
+    assert m.due([17, 16], 4) == {16, 17}
