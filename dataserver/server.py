@@ -145,17 +145,21 @@ class Server(StartUp, ConsumerSide):
         assert self.clients is not None and self.workers_sock is not None
         events = dict(self.poller.poll(timeout_ms))
         self._reap_frames()  # before answering anything: status must not count sent frames
-        # each FIFO before its socket, also when only the socket polled ready: a record written
-        # before a socket message was sent may land just after poll() looked at the FIFO
-        if self.answers is not None and (self.answers.fd in events
-                                         or self.workers_sock in events):
+        if self.answers is not None and self.answers.fd in events:
             self._on_answers()
-        if self.up is not None and (self.up.fd in events or self.clients in events):
-            self._on_up()
         if self.workers_sock in events:
             self._drain(self.workers_sock, self._on_worker_frames, self._worker_copy)
+        # a consumer's requests in the order sent: it writes its FIFO until something must go
+        # by socket, then only the socket (client._channel). So take the socket's messages
+        # first, then read the FIFO (also when poll() did not see it ready: a record may have
+        # landed since), and handle the FIFO's records first: they were written before those
+        client_frames: list[list[Any]] = []
         if self.clients in events:
-            self._drain(self.clients, self._on_client_frames)
+            self._drain(self.clients, client_frames.append)
+        if self.up is not None and (self.up.fd in events or client_frames):
+            self._on_up()
+        for frames in client_frames:
+            self._on_client_frames(frames)
         for fd, inc in list(self._sentinels.items()):
             if fd in events:
                 self._on_worker_exit(inc)

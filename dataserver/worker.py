@@ -250,19 +250,7 @@ class _Worker:
                         or (self.spec.server_pid and not pid_alive(self.spec.server_pid))):
                     return  # the server (or the fork server that started us) is gone
                 continue
-            # the FIFO first: the server sends by socket only what it could not send there,
-            # and never by the FIFO again after that (dataserver.supervise), so this keeps order
-            received: list[bytes] = []
-            # also when only the socket polled ready: what the FIFO holds was written first
-            if self.tasks is not None and (self.tasks.fd in events or self.sock in events):
-                received += [data for _token, data in self.tasks.read()]
-            if self.sock in events:
-                while True:
-                    try:
-                        received.append(self.sock.recv(zmq.NOBLOCK))
-                    except zmq.Again:
-                        break
-            for data in received:
+            for data in self.receive(events):
                 msg = decode(data)
                 if isinstance(msg, Tasks):
                     queue.extend(msg.items)
@@ -276,6 +264,22 @@ class _Worker:
                     self.sock.send_multipart(answer, copy=False)
                 elif self.answers is None or not self.answers.send(answer):  # type: ignore[arg-type]
                     self.sock.send(answer)  # type: ignore[arg-type]
+
+    def receive(self, events: dict[Any, int]) -> list[bytes]:
+        """The server's messages waiting, in the order it sent them. It writes the FIFO until
+        something must go by socket, then only the socket (dataserver.supervise), so: the
+        socket's messages first, then the FIFO (also when poll() did not see it ready: a
+        record may have landed since), whose records go first: they were written first."""
+        received: list[bytes] = []
+        if self.sock in events:
+            while True:
+                try:
+                    received.append(self.sock.recv(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+        if self.tasks is not None and (self.tasks.fd in events or received):
+            received = [data for _token, data in self.tasks.read()] + received
+        return received
 
     def report_memory(self) -> None:
         """Ray actors: the server may not see this process, so it hears our memory from us."""

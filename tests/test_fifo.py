@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import zmq
 
 import seqs
 from dataserver import shm
@@ -23,6 +24,7 @@ from dataserver.fifo import MAX_MESSAGE, Inbox, Outbox
 from dataserver.protocol import EpochEnd, Release, Tasks, UseRing, Want, decode, encode
 from dataserver.status import fetch_status
 from dataserver.supervise import WorkerSide
+from dataserver.worker import _Worker
 from helpers import wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -254,5 +256,32 @@ def test_tasks_the_fifo_cannot_take_go_by_socket_and_so_does_all_after(tmp_path:
         got = [it for m in by_fifo for it in m.items] + by_socket[0].items
         assert got == items, "every task once, in order"
         assert 3 not in server._task_boxes and box.fd < 0, "no going back to the FIFO"
+    finally:
+        box.close(), inbox.close()
+
+
+class _LateSocket:
+    """A worker socket whose first message arrives just after a FIFO record the server wrote
+    before sending it (the record lands between the worker's poll and its reads)."""
+
+    def __init__(self, fifo: Outbox, record: bytes, message: bytes) -> None:
+        self.fifo, self.pending = fifo, [(record, message)]
+
+    def recv(self, flags: int = 0) -> bytes:
+        if not self.pending:
+            raise zmq.Again()
+        record, message = self.pending.pop()
+        assert self.fifo.send(record)
+        return message
+
+
+def test_a_worker_runs_its_tasks_in_the_order_the_server_sent_them(tmp_path: Path) -> None:
+    inbox = Inbox(str(tmp_path / "tasks"))
+    box = Outbox(inbox.path, 0)
+    first, then = encode(Tasks([[1, 0, 0, 0, 0]])), encode(Tasks([[2, 0, 0, 1, 1]]))
+    sock = _LateSocket(box, first, then)
+    worker: Any = SimpleNamespace(sock=sock, tasks=inbox)
+    try:
+        assert _Worker.receive(worker, {sock: zmq.POLLIN}) == [first, then]
     finally:
         box.close(), inbox.close()
