@@ -7,7 +7,8 @@ keeps their order, which matters (a Want for epoch 1 handled after one for epoch
 process workers run ``on_epoch_end`` twice before epoch 1's batches): the FIFOs are granted
 before anything else is sent; a message goes by FIFO, waiting while the server drains a full
 one; once one cannot (too long, or the server stalled past the timeout), every later one goes
-by socket. The server reads the FIFO before the socket, so nothing sent later overtakes.
+by socket. The server handles what the FIFO holds before the socket's messages it took, so
+nothing sent later overtakes.
 """
 
 from __future__ import annotations

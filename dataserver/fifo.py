@@ -12,8 +12,9 @@ A record is ``<u32 length><u32 token>`` then one encoded message; the token says
 (a worker's incarnation, a consumer's number). A writer whose message is longer, or who finds
 the FIFO full, sends it over its ZeroMQ socket instead, so a FIFO is only ever a faster path
 beside the socket, never the only one. Where order matters (tasks to a worker, a consumer's
-requests) the writer then stays on the socket, and the reader reads the FIFO before the
-socket whenever the socket has news, so nothing sent later overtakes what was written here.
+requests) the writer then stays on the socket, and the reader, once it has taken the socket's
+messages, reads the FIFO and handles its records first, so nothing sent later overtakes what
+was written here.
 The FIFOs live in the server's private runtime directory (0700), like its sockets, and
 whatever is read from them is checked like socket messages.
 """
