@@ -117,8 +117,8 @@ class WorkerSide(Caps):
 
     def _send_worker(self, wid: int, msg: Message) -> None:
         """Tasks and UseRing by the worker's FIFO where it has one; whatever that cannot take
-        (a full FIFO) goes by socket, and so does everything after it (the worker reads its
-        FIFO before its socket, so the order holds)."""
+        (a full FIFO) goes by socket, and so does everything after it (the worker handles what
+        its FIFO holds before what its socket brought, so the order holds)."""
         assert self.workers_sock is not None
         box = self._task_boxes.get(wid)
         if box is not None and isinstance(msg, Tasks | UseRing):

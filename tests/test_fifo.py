@@ -160,8 +160,8 @@ class _Sock:
 
 
 def test_a_message_too_long_for_the_fifo_sends_all_after_it_by_socket(tmp_path: Path) -> None:
-    """The server reads the FIFO before the socket: going back to the FIFO after a message
-    went by socket would let the later message overtake it."""
+    """The server handles the FIFO's records before the socket's messages: going back to the
+    FIFO after a message went by socket would let the later message overtake it."""
     inbox = Inbox(str(tmp_path / "up"))
     channel = Channel(f"ipc://{tmp_path}/nobody.sock", None)
     real, fake = channel.sock, _Sock()
@@ -235,8 +235,8 @@ class _Socket:
 
 
 def test_tasks_the_fifo_cannot_take_go_by_socket_and_so_does_all_after(tmp_path: Path) -> None:
-    """The worker reads its FIFO before its socket, so the server must never go back to the
-    FIFO once something went by socket: then the order of tasks holds."""
+    """The worker handles its FIFO's records before its socket's messages, so the server must
+    never go back to the FIFO once something went by socket: then the order of tasks holds."""
     inbox = Inbox(str(tmp_path / "tasks"))
     box = Outbox(inbox.path, 0)
     server = SimpleNamespace(_task_boxes={3: box}, workers_sock=_Socket())
