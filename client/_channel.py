@@ -192,9 +192,8 @@ class Channel:
         if self.down is not None:
             # read after the socket: whatever the FIFO holds was written before those
             got = [(data, None) for _token, data in self.down.read()] + got
-            if self.down.ended:  # the server closed our FIFO: it sends by socket only
-                self.down.close()
-                self.down = self._poller = None
+            if self.down.ended:  # the server closed our FIFO: the socket only, both ways
+                self.close_pipes()
         if self._early:  # came before the FIFOs existed: before everything else
             got = [(data, None) for data in self._early] + got
             self._early.clear()
