@@ -29,7 +29,7 @@ RETIRE_GRACE_S = 30.0
 GROWTH_SAMPLES = 10
 GROWTH_MIN_BYTES = 32 << 20
 #: Process workers whose memory one housekeeping pass reads (about 0.8 ms each, the server's
-#: loop waiting meanwhile); with more workers they take turns.
+#: loop waiting meanwhile); with more workers they take turns, read longest ago first.
 MEMORY_READS_PER_PASS = 4
 
 
@@ -43,7 +43,6 @@ class Caps:
     growing: set[int]
     _retire_since: dict[int, float]
     _retire_asked: dict[int, float]
-    _memory_turn: int
     # WorkerSide's
     _send_worker: Callable[[int, Message], None]
     _start_worker: Callable[[int], None]
@@ -98,15 +97,14 @@ class Caps:
         return self.monitor.ring_share(w.pid, self.config.memory_kind)
 
     def _memory_due(self) -> set[int]:
-        """The workers whose memory this pass reads: all, or MEMORY_READS_PER_PASS in turn
-        (Ray workers report theirs: all of them, it costs nothing)."""
+        """The workers whose memory this pass reads: all, or the MEMORY_READS_PER_PASS read
+        longest ago (Ray workers report theirs: all of them, it costs nothing)."""
         assert self.sched is not None
-        wids = sorted(w.wid for w in self.sched.workers.values() if w.ready and not w.retiring)
-        if self.config.backend == "ray" or len(wids) <= MEMORY_READS_PER_PASS:
-            return set(wids)
-        start = self._memory_turn % len(wids)
-        self._memory_turn = start + MEMORY_READS_PER_PASS
-        return set((wids + wids)[start:start + MEMORY_READS_PER_PASS])
+        ready = [w for w in self.sched.workers.values() if w.ready and not w.retiring]
+        if self.config.backend == "ray":
+            return {w.wid for w in ready}
+        due = self.monitor.due([w.pid for w in ready], MEMORY_READS_PER_PASS, ring=True)
+        return {w.wid for w in ready if w.pid in due}
 
     def _retire(self, w: WorkerState, why: str, now: float) -> None:
         """No more work for ``w``; it stops once idle; a replacement starts now."""

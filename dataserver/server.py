@@ -90,7 +90,6 @@ class Server(StartUp, ConsumerSide):
         self.authenticator: Any = None  # zmq ThreadAuthenticator with --curve-keys
         self._retire_since: dict[int, float] = {}
         self._retire_asked: dict[int, float] = {}
-        self._memory_turn = 0  # where the next pass's memory reads start (_memory_due)
         self.mem_history: dict[int, deque[tuple[int, int]]] = {}  # wid -> (done, memory)
         self.growing: set[int] = set()
         self._wake_r = self._wake_w = -1
