@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,36 @@ def test_server_sigkill_is_seen_within_timeout_and_swept_by_the_next_start(
     assert not [n for n in names if server_id_of(n) != server_id_of(names[0])], names
     with RemoteSequence(again.endpoint) as seq:
         assert [int(y[0]) for _x, y in seq] == list(range(5))
+
+
+def test_a_server_killed_while_the_consumer_waits_for_fifo_room_is_reported(
+        serve: Any, isolated: dict[str, Path]) -> None:
+    """A consumer waits for room in a full FIFO rather than bypass it (order): that wait
+    must end when the server dies, not at the timeout, and say so."""
+    from dataserver.fifo import Outbox
+    from dataserver.status import fetch_status
+
+    server = serve(seqs.Indexed(50), workers=2)
+    up = shm.runtime_root() / fetch_status(server.endpoint)["server"]["id"] / "up.fifo"
+    with RemoteSequence(server.endpoint, timeout=20) as seq:
+        workers = worker_pids(server.endpoint)
+        os.kill(server.pid, signal.SIGSTOP)
+        stranger = Outbox(str(up), 12345)
+        while stranger.send(b"z" * 1000):
+            pass
+        stranger.close()
+        killer = threading.Timer(0.3, os.kill, (server.pid, signal.SIGKILL))
+        killer.start()
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(ServerUnavailable, match="exited"):
+                list(seq)
+        finally:
+            killer.join()
+        assert time.monotonic() - t0 < 10, "waited for the timeout, not for the server"
+    wait_for(lambda: not any(pid_alive(p) for p in workers), "the workers to die with the server")
+    server.close()
+    serve(seqs.Indexed(5), endpoint=server.endpoint)  # sweeps the dead one's files
 
 
 OWNER = """
