@@ -148,17 +148,7 @@ class Server(StartUp, ConsumerSide):
             self._on_answers()
         if self.workers_sock in events:
             self._drain(self.workers_sock, self._on_worker_frames, self._worker_copy)
-        # a consumer's requests in the order sent: it writes its FIFO until something must go
-        # by socket, then only the socket (client._channel). So take the socket's messages
-        # first, then read the FIFO (also when poll() did not see it ready: a record may have
-        # landed since), and handle the FIFO's records first: they were written before those
-        client_frames: list[list[Any]] = []
-        if self.clients in events:
-            self._drain(self.clients, client_frames.append)
-        if self.up is not None and (self.up.fd in events or client_frames):
-            self._on_up()
-        for frames in client_frames:
-            self._on_client_frames(frames)
+        self._from_consumers(events)
         for fd, inc in list(self._sentinels.items()):
             if fd in events:
                 self._on_worker_exit(inc)
@@ -175,6 +165,21 @@ class Server(StartUp, ConsumerSide):
             self._last_housekeeping = now
             self._housekeeping(now)
         self._flush()
+
+    def _from_consumers(self, events: dict[Any, int]) -> None:
+        """Consumers' requests in the order each sent them. A consumer writes its FIFO until
+        something must go by socket, then only the socket (client._channel). So: take the
+        socket's messages first, then read the FIFO (also when poll() did not see it ready: a
+        record may have landed since), and handle the FIFO's records first: they were written
+        before those."""
+        assert self.clients is not None
+        client_frames: list[list[Any]] = []
+        if self.clients in events:
+            self._drain(self.clients, client_frames.append)
+        if self.up is not None and (self.up.fd in events or client_frames):
+            self._on_up()
+        for frames in client_frames:
+            self._on_client_frames(frames)
 
     def _drain(self, sock: zmq.Socket[bytes], handle: Callable[[list[Any]], None],
                copy: bool = True) -> None:

@@ -285,3 +285,39 @@ def test_a_worker_runs_its_tasks_in_the_order_the_server_sent_them(tmp_path: Pat
         assert _Worker.receive(worker, {sock: zmq.POLLIN}) == [first, then]
     finally:
         box.close(), inbox.close()
+
+
+class _LateClients:
+    """The server's consumer socket: its first message arrives just after a FIFO record the
+    same consumer wrote before sending it."""
+
+    def __init__(self, fifo: Outbox, record: bytes, frames: list[bytes]) -> None:
+        self.fifo, self.pending = fifo, [(record, frames)]
+
+    def recv_multipart(self, flags: int = 0, copy: bool = True) -> list[bytes]:
+        if not self.pending:
+            raise zmq.Again()
+        record, frames = self.pending.pop()
+        assert self.fifo.send(record)
+        return frames
+
+
+def test_the_server_handles_a_consumers_requests_in_the_order_sent(tmp_path: Path) -> None:
+    from dataserver.consumers import ConsumerSide
+    from dataserver.server import Server
+
+    up = Inbox(str(tmp_path / "up"))
+    box = Outbox(up.path, 7)
+    first, then = encode(EpochEnd(0)), encode(Want(2, 0, 20, 1, False))
+    handled: list[bytes] = []
+    server: Any = SimpleNamespace(up=up, _by_token={7: b"c1"},
+                                  _on_client_data=lambda cid, data: handled.append(data))
+    server.clients = _LateClients(box, first, [b"c1", then])
+    for name, cls in (("_drain", Server), ("_on_up", ConsumerSide),
+                      ("_on_client_frames", ConsumerSide)):
+        setattr(server, name, getattr(cls, name).__get__(server))
+    try:
+        Server._from_consumers(server, {server.clients: zmq.POLLIN})
+        assert handled == [first, then]
+    finally:
+        box.close(), up.close()
