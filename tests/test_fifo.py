@@ -260,46 +260,33 @@ def test_tasks_the_fifo_cannot_take_go_by_socket_and_so_does_all_after(tmp_path:
         box.close(), inbox.close()
 
 
-class _LateSocket:
-    """A worker socket whose first message arrives just after a FIFO record the server wrote
-    before sending it (the record lands between the worker's poll and its reads)."""
+class _Late:
+    """A socket whose one message arrives just after a FIFO record its sender wrote before
+    sending it (the record lands between the reader's poll and its reads)."""
 
-    def __init__(self, fifo: Outbox, record: bytes, message: bytes) -> None:
+    def __init__(self, fifo: Outbox, record: bytes, message: Any) -> None:
         self.fifo, self.pending = fifo, [(record, message)]
 
-    def recv(self, flags: int = 0) -> bytes:
+    def recv(self, flags: int = 0, copy: bool = True) -> Any:
         if not self.pending:
             raise zmq.Again()
         record, message = self.pending.pop()
         assert self.fifo.send(record)
         return message
 
+    recv_multipart = recv
+
 
 def test_a_worker_runs_its_tasks_in_the_order_the_server_sent_them(tmp_path: Path) -> None:
     inbox = Inbox(str(tmp_path / "tasks"))
     box = Outbox(inbox.path, 0)
     first, then = encode(Tasks([[1, 0, 0, 0, 0]])), encode(Tasks([[2, 0, 0, 1, 1]]))
-    sock = _LateSocket(box, first, then)
+    sock = _Late(box, first, then)
     worker: Any = SimpleNamespace(sock=sock, tasks=inbox)
     try:
         assert _Worker.receive(worker, {sock: zmq.POLLIN}) == [first, then]
     finally:
         box.close(), inbox.close()
-
-
-class _LateClients:
-    """The server's consumer socket: its first message arrives just after a FIFO record the
-    same consumer wrote before sending it."""
-
-    def __init__(self, fifo: Outbox, record: bytes, frames: list[bytes]) -> None:
-        self.fifo, self.pending = fifo, [(record, frames)]
-
-    def recv_multipart(self, flags: int = 0, copy: bool = True) -> list[bytes]:
-        if not self.pending:
-            raise zmq.Again()
-        record, frames = self.pending.pop()
-        assert self.fifo.send(record)
-        return frames
 
 
 def test_the_server_handles_a_consumers_requests_in_the_order_sent(tmp_path: Path) -> None:
@@ -312,7 +299,7 @@ def test_the_server_handles_a_consumers_requests_in_the_order_sent(tmp_path: Pat
     handled: list[bytes] = []
     server: Any = SimpleNamespace(up=up, _by_token={7: b"c1"},
                                   _on_client_data=lambda cid, data: handled.append(data))
-    server.clients = _LateClients(box, first, [b"c1", then])
+    server.clients = _Late(box, first, [b"c1", then])
     for name, cls in (("_drain", Server), ("_on_up", ConsumerSide),
                       ("_on_client_frames", ConsumerSide)):
         setattr(server, name, getattr(cls, name).__get__(server))
