@@ -17,6 +17,7 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import zmq
@@ -95,23 +96,29 @@ class Channel:
     def hello(self, hello: Hello, timeout: float) -> Welcome:
         """Say Hello; the server's Welcome, or a clear error within ``timeout`` seconds."""
         self.send(hello)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.sock.poll(POLL_SLICE_MS):
-                msg = decode(self.sock.recv())
-                if isinstance(msg, Welcome):
-                    if msg.version != VERSION:
-                        raise ProtocolError(
-                            f"server speaks protocol {msg.version}, this client {VERSION}; "
-                            "install the same dataserver version on both sides"
-                        )
-                    return msg
-                if isinstance(msg, Refused):
-                    raise ProtocolError(f"the server refused this client: {msg.reason}")
+        for data in self._replies(timeout):
+            msg = decode(data)
+            if isinstance(msg, Welcome):
+                if msg.version != VERSION:
+                    raise ProtocolError(
+                        f"server speaks protocol {msg.version}, this client {VERSION}; "
+                        "install the same dataserver version on both sides"
+                    )
+                return msg
+            if isinstance(msg, Refused):
+                raise ProtocolError(f"the server refused this client: {msg.reason}")
         raise ServerUnavailable(
             f"no dataserver answered at {self.endpoint} within {timeout:g} s; start one "
             "with `dataserver serve MODULE:SEQUENCE` (or check --endpoint / DATASERVER_ENDPOINT)"
         )
+
+    def _replies(self, timeout: float) -> Iterator[bytes]:
+        """The socket's messages as they come, for ``timeout`` seconds: a request's answer is
+        among them (the caller stops there, and says what did not answer if none came)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.sock.poll(POLL_SLICE_MS):
+                yield self.sock.recv()
 
     def start_heartbeats(self, interval: float) -> None:
         threading.Thread(target=_heartbeats, name="dataserver-heartbeat", daemon=True,
@@ -134,17 +141,14 @@ class Channel:
         (the server has none), the socket stays the only path."""
         self.fifo_wait_s = timeout
         self.send(OpenPipes())
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.sock.poll(POLL_SLICE_MS):
-                data = self.sock.recv()
-                msg = decode(data)
-                if isinstance(msg, Pipes):
-                    self.open_pipes(msg)
-                    return
-                if isinstance(msg, Refused):
-                    return
-                self._early.append(data)  # handed over by receive()
+        for data in self._replies(timeout):
+            msg = decode(data)
+            if isinstance(msg, Pipes):
+                self.open_pipes(msg)
+                return
+            if isinstance(msg, Refused):
+                return
+            self._early.append(data)  # handed over by receive()
         raise ServerUnavailable(f"the dataserver at {self.endpoint} did not answer OpenPipes "
                                 f"within {timeout:g} s")
 
