@@ -41,7 +41,6 @@ class Monitor:
         self.segments = segments
         self._figures: dict[int, tuple[float, dict[str, Any]]] = {}  # pid -> (when, figures)
         self._ring_read_at: dict[int, float] = {}  # pid -> when process(ring=True) read it
-        self._refresh_pids: set[int] = set()  # set by snapshot(): the workers read anew
 
     def process(self, pid: int, ring: bool = False) -> dict[str, Any]:
         """Memory and CPU of ``pid``; None for what cannot be read. ``ring``: with its pages
@@ -102,8 +101,8 @@ class Monitor:
         cfg = server.config
         local = cfg.backend != "ray" and cfg.worker_type == "process"
         pids = [w.pid for w in sched.workers.values() if w.pid] if local else []
-        self._refresh_pids = self.due(pids, fresh)
-        workers = [self._worker(server, w, now) for w in sched.workers.values()]
+        read = self.due(pids, fresh)
+        workers = [self._worker(server, w, now, read) for w in sched.workers.values()]
         fork_server = getattr(server.pool, "fork_server_pid", None)  # not the Ray backend's
         fs_pid = fork_server() if fork_server is not None else None
         self.forget_dead({w["pid"] for w in workers} | {os.getpid(), fs_pid or 0})
@@ -138,7 +137,9 @@ class Monitor:
             "counters": dict(sched.stats),
         }
 
-    def _worker(self, server: Server, w: WorkerState, now: float) -> dict[str, Any]:
+    def _worker(self, server: Server, w: WorkerState, now: float,
+                read: set[int]) -> dict[str, Any]:
+        """``w`` as the snapshot shows it; its memory read anew if its pid is in ``read``."""
         sched, cfg = server.sched, server.config
         assert sched is not None
         running = next(iter(w.inflight), None)
@@ -165,12 +166,12 @@ class Monitor:
             item["transport"] = "frames" if w.frames else "shm"
         elif cfg.worker_type == "process":
             last = self._figures.get(w.pid)
-            if w.pid in self._refresh_pids or last is None:
+            if w.pid in read or last is None:
                 item.update(self.process(w.pid))
                 item["memory_age_s"] = 0.0
             else:
                 item.update(last[1])
-                item["memory_age_s"] = time.monotonic() - last[0]  # > 0: not read now
+                item["memory_age_s"] = now - last[0]  # > 0: read before this snapshot
         else:
             item.update(dict.fromkeys((*MEMORY_KINDS, "cpu_percent")))
             item["memory_note"] = "thread worker: shares the server process's memory"
