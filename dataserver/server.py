@@ -173,10 +173,13 @@ class Server(StartUp, ConsumerSide):
         record may have landed since), and handle the FIFO's records first: they were written
         before those."""
         assert self.clients is not None
+        if self.clients not in events:  # most passes: nothing by socket, nothing to order
+            if self.up is not None and self.up.fd in events:
+                self._on_up()
+            return
         client_frames: list[list[Any]] = []
-        if self.clients in events:
-            self._drain(self.clients, client_frames.append)
-        if self.up is not None and (self.up.fd in events or client_frames):
+        self._drain(self.clients, client_frames.append)
+        if self.up is not None:
             self._on_up()
         for frames in client_frames:
             self._on_client_frames(frames)

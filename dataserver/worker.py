@@ -278,7 +278,8 @@ class _Worker:
                 except zmq.Again:
                     break
         if self.tasks is not None and (self.tasks.fd in events or received):
-            received = [data for _token, data in self.tasks.read()] + received
+            piped = [data for _token, data in self.tasks.read()]
+            return piped + received if received else piped
         return received
 
     def report_memory(self) -> None:
