@@ -17,7 +17,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import zmq
@@ -69,11 +69,12 @@ def _heartbeats(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, identity: by
 class Channel:
     """``send`` a message; ``poll`` for news; ``receive`` what came, FIFO records first (a
     record written before a socket message was sent is read with it, and goes first).
-    ``frames``: batch bytes follow Ready messages on the socket, kept as zmq frames."""
+    ``read_frames``: batch bytes follow Ready messages on the socket; it reads one message
+    with them (zmq.Again if none)."""
 
     def __init__(self, endpoint: str, curve_keys: str | None) -> None:
         self.endpoint = endpoint
-        self.frames = False
+        self.read_frames: Callable[[zmq.Socket[bytes]], Message] | None = None
         self.down: Inbox | None = None
         self.up: Outbox | None = None
         self._poller: zmq.Poller | None = None
@@ -181,25 +182,23 @@ class Channel:
         return bool(self._poller.poll(timeout_ms) if self._poller is not None
                     else self.sock.poll(timeout_ms))
 
-    def receive(self) -> list[tuple[bytes, list[Any] | None]]:
-        """Everything waiting: (message, its batch frames or None), FIFO records first."""
-        got: list[tuple[bytes, list[Any] | None]] = []
+    def receive(self) -> list[bytes | Message]:
+        """Everything waiting, FIFO records first: encoded messages, or those ``read_frames``
+        decoded with their batches' bytes."""
+        got: list[bytes | Message] = []
+        read = self.read_frames
         while True:
             try:
-                if self.frames:  # batch bytes follow: keep them as zmq frames (no copy)
-                    parts = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    got.append((parts[0].bytes, parts[1:]))
-                else:
-                    got.append((self.sock.recv(zmq.NOBLOCK), None))
+                got.append(read(self.sock) if read is not None else self.sock.recv(zmq.NOBLOCK))
             except zmq.Again:
                 break
         if self.down is not None:
             # read after the socket: whatever the FIFO holds was written before those
-            got = [(data, None) for _token, data in self.down.read()] + got
+            got = [*(data for _token, data in self.down.read()), *got]
             if self.down.ended:  # the server closed our FIFO: the socket only, both ways
                 self.close_pipes()
         if self._early:  # came before the FIFOs existed: before everything else
-            got = [(data, None) for data in self._early] + got
+            got = [*self._early, *got]
             self._early.clear()
         return got
 

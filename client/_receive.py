@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 from dataserver._proc import pid_alive
 from dataserver.errors import ClosedError, ProtocolError, ServerUnavailable
@@ -73,15 +72,9 @@ class Receiver:
             for start in range(0, len(bids), RELEASES_PER_MESSAGE):  # each fits a FIFO record
                 self._send(Release(bids[start : start + RELEASES_PER_MESSAGE]))
 
-    def _handle(self, data: bytes, frames: list[Any] | None = None) -> None:
-        msg = decode(data)
-        if self._channel.frames and isinstance(msg, Ready):  # each item's bytes follow it
-            if frames is None or len(frames) != len(msg.items):
-                raise ProtocolError("batch frames do not match the Ready message")
-            for item, frame in zip(msg.items, frames, strict=True):
-                item.append(frame)
-        elif frames:
-            raise ProtocolError(f"frames follow a {type(msg).__name__} message")
+    def _handle(self, data: bytes | Message) -> None:
+        """One message from the server (decoded already if it came with batch frames)."""
+        msg = decode(data) if isinstance(data, bytes) else data
         if self.stream and isinstance(msg, (Ready, Failed)):
             items = msg.items if isinstance(msg, Ready) else [msg]
             self._sbuf.extend(items)
@@ -120,8 +113,8 @@ class Receiver:
         pinged = 0.0
         while not ready():
             if channel.poll(RELEASE_GRACE_MS if batches.releases else POLL_SLICE_MS):
-                for data, frames in channel.receive():
-                    self._handle(data, frames)
+                for data in channel.receive():
+                    self._handle(data)
                 heard = time.monotonic()
                 continue
             now = time.monotonic()

@@ -121,8 +121,8 @@ class RemoteSequence(Receiver):
             if same_host:
                 self._channel.request_pipes(self.timeout)
         else:
-            self._batches = FrameBatches(self.copy)
-            self._channel.frames = True
+            self._batches = FrameBatches(self.copy, keep=self.prefetch + 2)
+            self._channel.read_frames = self._batches.read
             self._send(UseFrames())
         self._release_batch = max(1, (self.slots - self.prefetch) // 2)
         self._pos = Positions(self._len, self.shard, self.prefetch)

@@ -22,6 +22,8 @@ from dataserver.errors import ProtocolError
 from dataserver.fifo import MAX_MESSAGE, Inbox, Outbox
 from dataserver.monitor import STATUS_READS, Monitor
 from dataserver.protocol import (
+    FRAME_CHUNK,
+    FRAMES_SPLIT,
     MAX_CONSUMER_MESSAGE_BYTES,
     VERSION,
     Alive,
@@ -153,8 +155,9 @@ class ConsumerSide:
             self._send_frames_message(cid, ready[start:])
 
     def _send_frames_message(self, cid: bytes, ready: list[list[Any]]) -> None:
-        """Ready, then each batch's bytes as a frame sent from shared memory without a copy
-        (pyzmq copy=False); the leases end when the tracker says the frames have left."""
+        """Ready, then each batch's bytes sent from shared memory without a copy (pyzmq
+        copy=False): one frame, or frames of FRAME_CHUNK bytes for a batch bigger than
+        FRAMES_SPLIT (see there). The leases end when the tracker says the frames have left."""
         assert self.clients is not None and self.ring is not None
         views: list[Any] = []
         keep: list[shm.Segment] = []
@@ -162,9 +165,13 @@ class ConsumerSide:
             if segment:
                 seg = shm.attach(self.shm_dir / segment, writable=False)
                 keep.append(seg)
-                views.append(memoryview(seg.mm)[:nbytes])
+                view = memoryview(seg.mm)[:nbytes]
             else:
-                views.append(memoryview(self.ring.mm)[offset : offset + nbytes])
+                view = memoryview(self.ring.mm)[offset : offset + nbytes]
+            if nbytes <= FRAMES_SPLIT:
+                views.append(view)
+            else:
+                views.extend(view[at : at + FRAME_CHUNK] for at in range(0, nbytes, FRAME_CHUNK))
         tracker = self.clients.send_multipart([cid, encode(Ready(ready)), *views], copy=False,
                                               track=True)
         self._in_flight_frames.append((tracker, cid, [item[3] for item in ready], keep))

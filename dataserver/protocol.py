@@ -21,6 +21,8 @@ from dataserver.codec import Message, decode, encode
 from dataserver.codec import message as _message
 
 __all__ = [
+    "FRAMES_SPLIT",
+    "FRAME_CHUNK",
     "VERSION",
     "Alive",
     "Bye",
@@ -58,7 +60,14 @@ __all__ = [
     "encode",
 ]
 
-VERSION = 1
+VERSION = 2
+#: A frames consumer's batch of more than FRAMES_SPLIT bytes travels as frames of FRAME_CHUNK
+#: bytes (the last shorter), which the consumer receives into a buffer it recycles: ZeroMQ
+#: would receive one frame into memory it allocates, and glibc maps every allocation of 32 MiB
+#: or more afresh, so the consumer would fault in 8k pages for every such batch. A smaller
+#: batch travels as one frame (glibc keeps those on its heap; another copy would cost more).
+FRAMES_SPLIT = 31 << 20
+FRAME_CHUNK = 4 << 20
 #: Largest message the server accepts from a consumer: consumer messages are all small.
 MAX_CONSUMER_MESSAGE_BYTES = 1 << 20
 
@@ -209,7 +218,8 @@ class Ready(Message):
     ``[epoch, pos, index, bid, segment, offset, nbytes, layout]``; ``pos`` is -1 for a Fetch,
     ``segment`` is "" for the ring (then ``offset`` is the slot's) or a one-off segment's name.
     Each item is one lease, to be given back with ``Release`` (for a consumer that asked for
-    frames, the batch's bytes follow as one frame per item, and the server ends the lease
+    frames, each batch's bytes follow in item order: one frame for a batch of up to
+    ``FRAMES_SPLIT`` bytes, else frames that add up to ``nbytes``; the server ends the lease
     itself once the frames have left)."""
 
     items: list[Any]

@@ -21,7 +21,18 @@ from client._channel import Channel
 from dataserver import layout
 from dataserver.client import ProtocolError, RemoteSequence, SharedMemoryError
 from dataserver.fifo import Inbox, Outbox
-from dataserver.protocol import VERSION, Hello, Pipes, Ready, Want, Welcome, decode, encode
+from dataserver.protocol import (
+    FRAME_CHUNK,
+    FRAMES_SPLIT,
+    VERSION,
+    Hello,
+    Pipes,
+    Ready,
+    Want,
+    Welcome,
+    decode,
+    encode,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -121,7 +132,7 @@ def test_fuzzed_layouts_build_or_are_refused(tmp_path_factory: pytest.TempPathFa
     for batches, item in (
         (ShmBatches(tmp, RING, SERVER_ID, copy=False),
          _item(f5=offset, f6=nbytes, f7=msgpack.packb(tree))),
-        (FrameBatches(copy=False),
+        (FrameBatches(copy=False, keep=4),
          [*_item(f6=nbytes, f7=msgpack.packb(tree)), zmq.Frame(bytes(nbytes))]),
     ):
         try:
@@ -168,11 +179,21 @@ def _fake_server(endpoint: str, ready: list[Any], frames: list[bytes], stop: thr
     return ctx, thread
 
 
+BIG = FRAMES_SPLIT + 1  # travels in several frames, received into a recycled buffer
+
+
 @pytest.mark.parametrize("ready, frames, why", [
     ([[0, 0, 0, 1, "", 0, 4096, msgpack.packb([0, "<f4", [1024], 0])]], [b"abcd"],
      "batch 0 \\(epoch 0\\) is malformed: batch layout does not fit its 4-byte region"),
     ([[0, 0, 0, 1, "", 0, 4]], [b"abcd"], "Ready field 'items' has a bad value"),
     ([[0, 0, 0, 1, "", 0, 4, GOOD.layout]], [], "batch frames do not match"),
+    ([[0, 0, 0, 1, "", 0, 4, GOOD.layout]], [b"abcd", b"more"], "frames beyond the batches"),
+    ([[0, 0, 0, 1, "", 0, BIG, GOOD.layout]], [bytes(FRAME_CHUNK)],
+     f"a batch's frames hold {FRAME_CHUNK} of the {BIG} bytes announced"),
+    ([[0, 0, 0, 1, "", 0, BIG, GOOD.layout]], [bytes(FRAME_CHUNK)] * 8,
+     f"a batch's frames hold more than the {BIG} bytes announced"),
+    ([[0, 0, 0, 1, "", 0, 1 << 62, GOOD.layout]], [b"ab"],
+     f"cannot make room for a batch of {1 << 62} bytes announced"),
 ])
 def test_a_consumer_names_what_a_hostile_server_sent(isolated: dict[str, Path],
                                                      ready: list[Any], frames: list[bytes],

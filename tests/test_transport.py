@@ -124,3 +124,76 @@ def test_frames_consumer_jumping_ahead_gets_its_batch(serve: Any) -> None:
         assert [int(seq.at(p)[1][0]) for p in jumps] == [order[p] for p in jumps]
         assert [int(y[0]) for _x, y in seq] == order
     wait_for(lambda: fetch_status(server.endpoint)["ring"]["held"] == 0, "every slot released")
+
+
+def _send_big(sock: Any, value: int, nbytes: int) -> None:
+    """A Ready for one batch of ``nbytes`` of ``value``, its bytes in frames of FRAME_CHUNK."""
+    from dataserver import layout
+    from dataserver.protocol import FRAME_CHUNK, Ready, encode
+
+    plan = layout.plan((np.full(nbytes, value, np.uint8),), 0)
+    data = np.full(plan.nbytes, value, np.uint8).tobytes()
+    chunks = [data[at : at + FRAME_CHUNK] for at in range(0, len(data), FRAME_CHUNK)]
+    sock.send_multipart([encode(Ready([[0, value, value, value, "", 0, plan.nbytes,
+                                        plan.layout]])), *chunks])
+
+
+def test_big_frames_batches_reuse_buffers_no_batch_holds() -> None:
+    """A batch bigger than FRAMES_SPLIT is received into a buffer recycled once the batch's
+    last view dies, never into one a batch still uses."""
+    import zmq
+
+    from client._batches import FrameBatches
+    from dataserver.protocol import FRAMES_SPLIT
+
+    nbytes = FRAMES_SPLIT + 4096
+    ctx: zmq.Context[Any] = zmq.Context()
+    tx, rx = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    tx.bind("inproc://big")
+    rx.connect("inproc://big")
+    try:
+        batches = FrameBatches(copy=False, keep=2)
+
+        def receive(value: int) -> Any:
+            _send_big(tx, value, nbytes)
+            assert rx.poll(10_000)
+            (item,) = batches.read(rx).items
+            (x,) = batches.build(item)
+            assert x.nbytes == nbytes and x[0] == x[-1] == value
+            return x
+
+        def buffer_of(x: Any) -> Any:  # the batch's region is over a memoryview of an mmap
+            return x.base.base.obj
+
+        held = receive(1)
+        first = buffer_of(held)
+        dropped = receive(2)
+        second = buffer_of(dropped)
+        assert second is not first
+        del dropped  # its buffer is spare now
+        assert buffer_of(receive(3)) is second  # reused (this batch dies at once: spare again)
+        assert buffer_of(receive(4)) is second
+        assert int(held.min()) == int(held.max()) == 1  # the held batch was never written over
+        del held
+        # two kept, lent or spare: a third buffer is let go, not kept
+        a, b, c = receive(5), receive(6), receive(7)
+        assert len({id(buffer_of(a)), id(buffer_of(b)), id(buffer_of(c))}) == 3
+        del a, b, c
+        assert len(batches._spare) == 2
+    finally:
+        tx.close(0)
+        rx.close(0)
+        ctx.term()
+
+
+def test_a_frames_consumer_reads_batches_bigger_than_a_frame(serve: Any) -> None:
+    from dataserver.protocol import FRAMES_SPLIT
+
+    big = FRAMES_SPLIT + (4 << 20)
+    server = serve(seqs.Sized(6, big=big, big_at=(1, 2, 4)), workers=2)
+    with RemoteSequence(server.endpoint, transport="frames") as seq:
+        for _epoch in range(2):
+            got = [(x.nbytes, float(x[0]), float(x[-1]), int(y[0])) for x, y in seq]
+            assert got == [(big if i in (1, 2, 4) else 4096, i, i, i) for i in range(6)]
+            seq.on_epoch_end()
+    wait_for(lambda: fetch_status(server.endpoint)["ring"]["held"] == 0, "every slot released")
