@@ -160,14 +160,12 @@ class FrameBatches:
                 del self._spare[i]
                 break
         else:
-            try:  # private anonymous memory, in huge pages where the kernel has them
+            try:  # private anonymous memory (huge pages measured slower: compaction)
                 buf = mmap.mmap(-1, -(-nbytes // FRAME_CHUNK) * FRAME_CHUNK,
                                 flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             except (OSError, OverflowError, ValueError):
                 raise ProtocolError(f"cannot make room for a batch of {nbytes} bytes announced"
                                     ) from None
-            if hasattr(mmap, "MADV_HUGEPAGE"):
-                buf.madvise(mmap.MADV_HUGEPAGE)
         # a base of its own (numpy makes a view's base the buffer, not another array), so the
         # callback fires when the batch's last view dies
         region = np.frombuffer(buf, np.uint8, count=nbytes)

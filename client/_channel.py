@@ -183,13 +183,17 @@ class Channel:
                     else self.sock.poll(timeout_ms))
 
     def receive(self) -> list[bytes | Message]:
-        """Everything waiting, FIFO records first: encoded messages, or those ``read_frames``
-        decoded with their batches' bytes."""
+        """Everything waiting, FIFO records first; or, with ``read_frames``, the next message,
+        decoded with its batches' bytes."""
         got: list[bytes | Message] = []
-        read = self.read_frames
+        if self.read_frames is not None:  # one message: it may hold a batch's 32 MiB to copy,
+            try:  # and the batch wanted now comes first (there are no FIFOs to read after it)
+                return [self.read_frames(self.sock)]
+            except zmq.Again:
+                return got
         while True:
             try:
-                got.append(read(self.sock) if read is not None else self.sock.recv(zmq.NOBLOCK))
+                got.append(self.sock.recv(zmq.NOBLOCK))
             except zmq.Again:
                 break
         if self.down is not None:

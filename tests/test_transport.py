@@ -197,3 +197,38 @@ def test_a_frames_consumer_reads_batches_bigger_than_a_frame(serve: Any) -> None
             assert got == [(big if i in (1, 2, 4) else 4096, i, i, i) for i in range(6)]
             seq.on_epoch_end()
     wait_for(lambda: fetch_status(server.endpoint)["ring"]["held"] == 0, "every slot released")
+
+
+def test_a_frames_channel_hands_over_one_message_at_a_time(tmp_path: Path) -> None:
+    """Reading a big batch copies it: the first batch waiting must not wait for the copies of
+    all the others behind it."""
+    import zmq
+
+    from client._batches import FrameBatches
+    from client._channel import Channel
+    from dataserver.protocol import FRAMES_SPLIT, Ready
+
+    endpoint = f"ipc://{tmp_path}/one.sock"
+    ctx: zmq.Context[Any] = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(endpoint)
+    channel = Channel(endpoint, None)
+    try:
+        channel.read_frames = FrameBatches(copy=False, keep=4).read
+        channel.sock.send(b"hi")  # the router learns the channel's identity
+        assert router.poll(10_000)
+        router.recv_multipart()
+        for value in (1, 2, 3):
+            router.send(channel.identity, zmq.SNDMORE)
+            _send_big(router, value, FRAMES_SPLIT + 8)
+        got = []
+        while len(got) < 3:
+            assert channel.poll(10_000)
+            msgs = channel.receive()
+            assert len(msgs) == 1
+            got.extend(msgs)
+        assert [msg.items[0][2] for msg in got if isinstance(msg, Ready)] == [1, 2, 3]
+    finally:
+        channel.close([])
+        router.close(0)
+        ctx.term()
