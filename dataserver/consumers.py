@@ -22,8 +22,6 @@ from dataserver.errors import ProtocolError
 from dataserver.fifo import MAX_MESSAGE, Inbox, Outbox
 from dataserver.monitor import STATUS_READS, Monitor
 from dataserver.protocol import (
-    FRAME_CHUNK,
-    FRAMES_SPLIT,
     MAX_CONSUMER_MESSAGE_BYTES,
     VERSION,
     Alive,
@@ -48,6 +46,7 @@ from dataserver.protocol import (
     Welcome,
     decode,
     encode,
+    frame_chunks,
 )
 from dataserver.scheduler import ConsumerState, Scheduler
 
@@ -156,8 +155,8 @@ class ConsumerSide:
 
     def _send_frames_message(self, cid: bytes, ready: list[list[Any]]) -> None:
         """Ready, then each batch's bytes sent from shared memory without a copy (pyzmq
-        copy=False): one frame, or frames of FRAME_CHUNK bytes for a batch bigger than
-        FRAMES_SPLIT (see there). The leases end when the tracker says the frames have left."""
+        copy=False), in frames (``frame_chunks``). The leases end when the tracker says the
+        frames have left."""
         assert self.clients is not None and self.ring is not None
         views: list[Any] = []
         keep: list[shm.Segment] = []
@@ -168,10 +167,7 @@ class ConsumerSide:
                 view = memoryview(seg.mm)[:nbytes]
             else:
                 view = memoryview(self.ring.mm)[offset : offset + nbytes]
-            if nbytes <= FRAMES_SPLIT:
-                views.append(view)
-            else:
-                views.extend(view[at : at + FRAME_CHUNK] for at in range(0, nbytes, FRAME_CHUNK))
+            views.extend(frame_chunks(view))
         tracker = self.clients.send_multipart([cid, encode(Ready(ready)), *views], copy=False,
                                               track=True)
         self._in_flight_frames.append((tracker, cid, [item[3] for item in ready], keep))

@@ -58,16 +58,25 @@ __all__ = [
     "WorkerReady",
     "decode",
     "encode",
+    "frame_chunks",
 ]
 
 VERSION = 2
-#: A frames consumer's batch of more than FRAMES_SPLIT bytes travels as frames of FRAME_CHUNK
-#: bytes (the last shorter), which the consumer receives into a buffer it recycles: ZeroMQ
-#: would receive one frame into memory it allocates, and glibc maps every allocation of 32 MiB
-#: or more afresh, so the consumer would fault in 8k pages for every such batch. A smaller
-#: batch travels as one frame (glibc keeps those on its heap; another copy would cost more).
+#: A batch of more than FRAMES_SPLIT bytes travels as frames of FRAME_CHUNK bytes (the last
+#: shorter), to a frames consumer (which receives them into a buffer it recycles) and from a
+#: worker that sends frames (the server copies them into the slot): ZeroMQ would receive one
+#: frame into memory it allocates, and glibc maps every allocation of 32 MiB or more afresh, so
+#: the receiver would fault in 8k pages for every such batch. A smaller batch travels as one
+#: frame (glibc keeps those on its heap; another copy would cost more).
 FRAMES_SPLIT = 31 << 20
 FRAME_CHUNK = 4 << 20
+
+
+def frame_chunks(data: memoryview) -> list[memoryview]:
+    """A batch's bytes as the frames it travels in (see FRAMES_SPLIT)."""
+    if data.nbytes <= FRAMES_SPLIT:
+        return [data]
+    return [data[at : at + FRAME_CHUNK] for at in range(0, data.nbytes, FRAME_CHUNK)]
 #: Largest message the server accepts from a consumer: consumer messages are all small.
 MAX_CONSUMER_MESSAGE_BYTES = 1 << 20
 
@@ -349,8 +358,9 @@ class Done(Message):
 @_message(55, "uint", "uint", "bytes", "float")
 @dataclass(frozen=True, slots=True)
 class Made(Message):
-    """Batch ``bid`` follows in the next frame (``nbytes`` bytes): a worker that cannot see the
-    ring sends it this way, and the server places it."""
+    """Batch ``bid`` follows (``nbytes`` bytes: one frame, or frames that add up to it for a
+    batch over ``FRAMES_SPLIT``): a worker that cannot see the ring sends it this way, and the
+    server places it."""
 
     bid: int
     nbytes: int

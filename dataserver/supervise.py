@@ -30,6 +30,7 @@ from dataserver.config import ServerConfig
 from dataserver.errors import ProtocolError, SharedMemoryError
 from dataserver.fifo import Inbox, Outbox
 from dataserver.protocol import (
+    FRAMES_SPLIT,
     MAX_CONSUMER_MESSAGE_BYTES,
     Done,
     Exhausted,
@@ -157,8 +158,14 @@ class WorkerSide(Caps):
                 if isinstance(msg, Made):
                     if i >= len(frames):
                         raise ProtocolError("Made without its batch frame")
-                    self._on_made(wid, msg, frames[i])
-                    i += 1
+                    end = i + 1  # one frame, or those adding up to nbytes (FRAMES_SPLIT)
+                    if msg.nbytes > FRAMES_SPLIT:
+                        got = len(frames[i])
+                        while got < msg.nbytes and end < len(frames):
+                            got += len(frames[end])
+                            end += 1
+                    self._on_made(wid, msg, frames[i:end])
+                    i = end
                 else:
                     self._on_worker_message(wid, msg)
         except (ProtocolError, ValueError) as exc:
@@ -179,26 +186,34 @@ class WorkerSide(Caps):
             except ProtocolError as exc:
                 log.warning("dropped a record from the answer FIFO: %s", exc)
 
-    def _on_made(self, wid: int, msg: Made, payload: Any) -> None:
-        """A worker that cannot see the ring sent batch ``bid``: place it in its slot, or in a
-        one-off segment when it does not fit (the server owns and unlinks those anyway)."""
+    def _on_made(self, wid: int, msg: Made, payload: list[Any]) -> None:
+        """A worker that cannot see the ring sent batch ``bid`` (in the frames ``payload``):
+        place it in its slot, or in a one-off segment when it does not fit (the server owns and
+        unlinks those anyway)."""
+        parts = [np.frombuffer(f.buffer if isinstance(f, zmq.Frame) else f, np.uint8)
+                 for f in payload]
+        nbytes = sum(part.nbytes for part in parts)
+        if nbytes != msg.nbytes:
+            raise ProtocolError(f"Made says {msg.nbytes} bytes, its frames have {nbytes}")
         sched = self.sched
         assert sched is not None
-        data = memoryview(payload.buffer if isinstance(payload, zmq.Frame) else payload)
-        if data.nbytes != msg.nbytes:
-            raise ProtocolError(f"Made says {msg.nbytes} bytes, its frame has {data.nbytes}")
         e = sched.by_bid.get(msg.bid)
         if e is None or e.bid not in sched.workers.get(wid, _NO_WORKER).inflight:
             return  # a late answer for a batch given to another worker
-        src = np.frombuffer(data, np.uint8)
+
+        def place(region: np.ndarray[Any, Any]) -> None:
+            at = 0
+            for part in parts:
+                region[at : at + part.nbytes] = part
+                at += part.nbytes
+
         segment = ""
         if e.slot >= 0 and msg.nbytes <= sched.slot_bytes and self.ring is not None:
-            start = e.slot * sched.slot_bytes
-            np.frombuffer(self.ring.mm, np.uint8, msg.nbytes, start)[:] = src
+            place(np.frombuffer(self.ring.mm, np.uint8, msg.nbytes, e.slot * sched.slot_bytes))
         else:
             try:
                 segment = shm.write_one_off(self.shm_dir, self.server_id, msg.bid, msg.nbytes,
-                                            lambda region: np.copyto(region, src))
+                                            place)
             except SharedMemoryError as exc:  # as a local worker reports it: the batch failed
                 self._on_worker_message(wid, Raised(msg.bid, "SharedMemoryError", str(exc), ""))
                 return

@@ -48,6 +48,7 @@ from dataserver.protocol import (
     WorkerReady,
     decode,
     encode,
+    frame_chunks,
 )
 from dataserver.source import SequenceSource, WorkerInfo, set_worker_info
 
@@ -212,7 +213,7 @@ class _Worker:
                 payload = np.empty(plan.nbytes, np.uint8)
                 layout.write(plan, payload)
                 return [encode(Made(bid, plan.nbytes, plan.layout, time.perf_counter() - t0)),
-                        payload]
+                        *frame_chunks(payload.data)]
             segment = ""
             if region is not None and plan.nbytes <= self.slot_bytes:
                 layout.write(plan, region[: plan.nbytes])

@@ -109,6 +109,33 @@ def test_worker_socket_drops_peers_without_the_secret(isolated: dict[str, Path])
     assert not server._authed
 
 
+def test_a_made_batch_must_add_up_to_what_it_says() -> None:
+    """A batch over FRAMES_SPLIT comes from a frames worker in several frames: the server
+    refuses frames that do not add up to the size announced, before placing anything."""
+    from dataserver.errors import ProtocolError
+    from dataserver.protocol import FRAME_CHUNK, FRAMES_SPLIT
+
+    server = Server(ServerConfig(), SequenceSource(obj=seqs.Indexed(4)))
+    big = FRAMES_SPLIT + 1
+    for frames, has in (([bytes(FRAME_CHUNK)] * 7, 7 * FRAME_CHUNK),
+                        ([bytes(FRAME_CHUNK)] * 8, 8 * FRAME_CHUNK)):
+        with pytest.raises(ProtocolError, match=f"Made says {big} bytes, its frames have {has}"):
+            server._on_made(0, Made(0, big, b"\x90", 0.0), frames)
+
+
+def test_ray_frames_carry_batches_bigger_than_a_frame(serve: Any) -> None:
+    """An actor sends a batch over FRAMES_SPLIT in several frames; the server puts them
+    together in the slot (or a one-off segment) byte for byte."""
+    from dataserver.protocol import FRAMES_SPLIT
+
+    big = FRAMES_SPLIT + (4 << 20) + 8
+    server = serve(spec="seqs:Sized", args={"n": 4, "big": big, "big_at": [1, 2]},
+                   backend="ray", ray_transport="frames", workers=1)
+    with RemoteSequence(server.endpoint) as rs:
+        got = [(x.nbytes, bool((x == i).all()), int(y[0])) for i, (x, y) in enumerate(rs)]
+    assert got == [(big if i in (1, 2) else 4096, True, i) for i in range(4)]
+
+
 def test_ray_worker_memory_cap_uses_what_the_actors_report(serve: Any) -> None:
     """An actor measures itself (it may be on another host); over --max-worker-memory it
     finishes its batches and is replaced, and nothing is lost. Ray workers carry Ray's runtime
