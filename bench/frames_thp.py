@@ -1,13 +1,14 @@
 """Frames consumers of big batches, with and without huge pages (``python -m bench.frames_thp``).
 
-A frames consumer receives each batch into memory ZeroMQ allocates for it. glibc serves an
-allocation of 32 MiB or more with a fresh mmap every time, so every batch costs ~8k page faults
-(~half the receive time on this machine). Starting the *consumer* with
+Before 4c74bba a frames consumer received each batch into memory ZeroMQ allocated for it, and
+glibc serves an allocation of 32 MiB or more with a fresh mmap every time, so every batch cost
+~8k page faults (~half the receive time on this machine); starting the *consumer* with
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc >= 2.35, transparent huge pages in "madvise"
-or "always" mode) makes those mappings huge pages. This measures one server (started without
-the setting) and a consumer process with and without it, interleaved, 3 repetitions, medians:
-batches/s over epochs 2-3, the median wait per batch and the first batch of each later epoch.
-"""
+or "always" mode) made those mappings huge pages and 1.5-2x the batches/s. Such batches now
+come as 4 MiB frames received into buffers the client recycles, which this checks: the setting
+should gain nothing. It measures one server (started without the setting) and a consumer
+process with and without it, interleaved, 3 repetitions, medians: batches/s over epochs 2-3,
+the median wait per batch and the first batch of each later epoch."""
 
 from __future__ import annotations
 
