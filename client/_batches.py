@@ -7,8 +7,7 @@
 * :class:`FrameBatches` reads the server's messages off the socket with each batch's bytes (a
   consumer on another host) and builds the batch over them: a small batch over the ZeroMQ frame
   it came in, a big one (several frames) over a buffer it recycles once the batch's last view
-  dies. The server released the slot when it sent the bytes, so
-  there is no lease.
+  dies. The server released the slot when it sent the bytes, so there is no lease.
 
 Both take the same Ready items (``[epoch, pos, index, bid, segment, offset, nbytes, layout]``,
 frames add the frame) and have the same surface, so RemoteSequence does not know which it has.
@@ -16,6 +15,7 @@ frames add the frame) and have the same surface, so RemoteSequence does not know
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import mmap
 import weakref
@@ -31,7 +31,6 @@ from dataserver.errors import ProtocolError
 from dataserver.protocol import FRAME_CHUNK, FRAMES_SPLIT, Message, Ready, decode
 
 __all__ = ["FrameBatches", "ShmBatches"]
-
 
 
 def segment_path(shm_dir: Path, name: str, server_id: str) -> Path:
@@ -155,9 +154,12 @@ class FrameBatches:
     def _buffer(self, nbytes: int) -> tuple[np.ndarray[Any, Any], memoryview]:
         """``nbytes`` of a spare buffer (one at most twice as big), else of a new one: the
         batch's region, and a view of it to receive into."""
-        for i, buf in enumerate(self._spare):
+        for buf in self._spare:
             if nbytes <= len(buf) <= 2 * nbytes:
-                del self._spare[i]
+                # by identity, not index: a batch dropped in another thread may recycle (and
+                # let go of the oldest) meanwhile; one let go is ours all the same
+                with contextlib.suppress(ValueError):
+                    self._spare.remove(buf)
                 break
         else:
             try:  # private anonymous memory (huge pages measured slower: compaction)
