@@ -47,6 +47,7 @@ from dataserver.protocol import (
     decode,
     encode,
     frame_chunks,
+    send_tracked,
 )
 from dataserver.scheduler import ConsumerState, Scheduler
 
@@ -168,8 +169,7 @@ class ConsumerSide:
             else:
                 view = memoryview(self.ring.mm)[offset : offset + nbytes]
             views.extend(frame_chunks(view))
-        tracker = self.clients.send_multipart([cid, encode(Ready(ready)), *views], copy=False,
-                                              track=True)
+        tracker = send_tracked(self.clients, [cid, encode(Ready(ready)), *views])
         self._in_flight_frames.append((tracker, cid, [item[3] for item in ready], keep))
 
     def _reap_frames(self) -> None:

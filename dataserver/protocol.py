@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import zmq
+
 from dataserver.codec import Message, decode, encode
 from dataserver.codec import message as _message
 
@@ -59,6 +61,7 @@ __all__ = [
     "decode",
     "encode",
     "frame_chunks",
+    "send_tracked",
 ]
 
 VERSION = 2
@@ -77,6 +80,17 @@ def frame_chunks(data: memoryview) -> list[memoryview]:
     if data.nbytes <= FRAMES_SPLIT:
         return [data]
     return [data[at : at + FRAME_CHUNK] for at in range(0, data.nbytes, FRAME_CHUNK)]
+
+
+def send_tracked(sock: zmq.Socket[bytes], parts: list[Any]) -> zmq.MessageTracker:
+    """Send ``parts`` as one message without copying the big ones; the tracker says when
+    ZeroMQ has let go of all of them, so their memory may be written again. (pyzmq's
+    ``send_multipart(track=True)`` tracks only the last part: one small enough to be copied is
+    done at once, while the big parts before it are still on their way.)"""
+    frames = [zmq.Frame(p, track=True) if memoryview(p).nbytes >= zmq.COPY_THRESHOLD else p
+              for p in parts]
+    sock.send_multipart(frames, copy=False)
+    return zmq.MessageTracker(*[f for f in frames if isinstance(f, zmq.Frame)])
 #: Largest message the server accepts from a consumer: consumer messages are all small.
 MAX_CONSUMER_MESSAGE_BYTES = 1 << 20
 

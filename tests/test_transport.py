@@ -232,3 +232,31 @@ def test_a_frames_channel_hands_over_one_message_at_a_time(tmp_path: Path) -> No
         channel.close([])
         router.close(0)
         ctx.term()
+
+
+def test_send_tracked_says_done_only_once_every_part_has_left(tmp_path: Path) -> None:
+    """A batch's frames come from a slot (or a buffer) written again once they have left. pyzmq
+    tracks only a message's last part, and a small last part is copied and done at once while
+    the big ones before it still wait in the queue: send_tracked waits for all of them."""
+    import zmq
+
+    from dataserver.protocol import send_tracked
+
+    ctx: zmq.Context[Any] = zmq.Context()
+    tx, rx = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    tx.bind(f"ipc://{tmp_path}/tracked.sock")
+    rx.connect(f"ipc://{tmp_path}/tracked.sock")
+    big = np.ones(64 << 20, np.uint8)  # far more than the socket buffers hold unread
+    try:
+        naive = tx.send_multipart([memoryview(big), b"tail"], copy=False, track=True)
+        assert naive is not None and naive.done  # the trap: the big part is still queued
+        tracked = send_tracked(tx, [memoryview(big), b"tail"])
+        assert not tracked.done
+        for _ in range(2):
+            assert rx.poll(10_000)
+            assert [len(part) for part in rx.recv_multipart(copy=False)] == [64 << 20, 4]
+        wait_for(lambda: tracked.done, "ZeroMQ to let go of the big part")
+    finally:
+        tx.close(0)
+        rx.close(0)
+        ctx.term()
