@@ -36,6 +36,7 @@ from dataserver._proc import pid_alive, pid_namespace
 from dataserver.alloc import empty, full, slot_allocation, zeros
 from dataserver.fifo import Inbox, Outbox
 from dataserver.protocol import (
+    FRAMES_SPLIT,
     Done,
     Exhausted,
     Made,
@@ -49,12 +50,15 @@ from dataserver.protocol import (
     decode,
     encode,
     frame_chunks,
+    send_tracked,
 )
 from dataserver.source import SequenceSource, WorkerInfo, set_worker_info
 
 __all__ = ["WorkerSpec", "empty", "full", "stack_file", "worker_main", "zeros"]
 
 POLL_INTERVAL_S = 0.5
+#: A worker sending frames keeps this many buffers of big batches ZeroMQ has let go of.
+SPARE_PAYLOADS = 2
 #: Ray workers report their own memory (the server may be on another host) this often.
 MEMORY_REPORT_S = 1.0
 log = logging.getLogger("dataserver.worker")
@@ -146,6 +150,10 @@ class _Worker:
         self.answers = answers
         self.tasks = tasks
         self.frames = frames  # send batches as frames instead of writing the ring
+        # frames: buffers of big batches sent, each with the tracker that says when ZeroMQ let
+        # go of it (a fresh 32 MiB buffer per batch cost ~8k page faults)
+        self.sent: list[tuple[np.ndarray[Any, Any], zmq.MessageTracker]] = []
+        self.pending: np.ndarray[Any, Any] | None = None  # the big batch being answered
         self.sock = sock
         self.seqs = seqs
         self.epochs = [0] * len(seqs)  # on_epoch_end calls so far, per dataset
@@ -210,7 +218,7 @@ class _Worker:
                 inplace = (allocated.region.__array_interface__["data"][0], allocated.used)
             plan = layout.plan(batch, index, inplace)
             if self.frames:
-                payload = np.empty(plan.nbytes, np.uint8)
+                payload = self.payload(plan.nbytes)
                 layout.write(plan, payload)
                 return [encode(Made(bid, plan.nbytes, plan.layout, time.perf_counter() - t0)),
                         *frame_chunks(payload.data)]
@@ -225,6 +233,26 @@ class _Worker:
         except Exception as exc:  # MemoryError too: the batch failed, the worker goes on
             return encode(Raised(bid, *_error_fields(exc)))
         return encode(Done(bid, segment, plan.nbytes, plan.layout, time.perf_counter() - t0))
+
+    def payload(self, nbytes: int) -> np.ndarray[Any, Any]:
+        """Where a batch sent as frames is laid out. For one over FRAMES_SPLIT: a buffer an
+        earlier batch was sent from, once ZeroMQ let go of it (at most twice as big), else a
+        new one; serve() keeps it with the tracker of its send."""
+        if nbytes <= FRAMES_SPLIT:
+            return np.empty(nbytes, np.uint8)
+        buf = None
+        for entry in self.sent:
+            if entry[1].done and nbytes <= entry[0].nbytes <= 2 * nbytes:
+                self.sent.remove(entry)
+                buf = entry[0]
+                break
+        if buf is None:
+            buf = np.empty(nbytes, np.uint8)
+            # keep the sends still in flight and a few free buffers, not every size seen
+            self.sent = [e for e in self.sent if not e[1].done] + [
+                e for e in self.sent if e[1].done][-SPARE_PAYLOADS:]
+        self.pending = buf
+        return buf[:nbytes]
 
     def write_oversize(self, bid: int, plan: layout.Plan) -> str:
         return shm.write_one_off(self.dir, self.spec.server_id, bid, plan.nbytes,
@@ -261,8 +289,12 @@ class _Worker:
                     return
             if queue:
                 answer = self.run_task(*queue.popleft())
+                pending, self.pending = self.pending, None
                 if type(answer) is list:
-                    self.sock.send_multipart(answer, copy=False)
+                    if pending is not None:  # its buffer is reused once ZeroMQ is done
+                        self.sent.append((pending, send_tracked(self.sock, answer)))
+                    else:
+                        self.sock.send_multipart(answer, copy=False)
                 elif self.answers is None or not self.answers.send(answer):  # type: ignore[arg-type]
                     self.sock.send(answer)  # type: ignore[arg-type]
 

@@ -124,16 +124,20 @@ def test_a_made_batch_must_add_up_to_what_it_says() -> None:
 
 
 def test_ray_frames_carry_batches_bigger_than_a_frame(serve: Any) -> None:
-    """An actor sends a batch over FRAMES_SPLIT in several frames; the server puts them
-    together in the slot (or a one-off segment) byte for byte."""
+    """An actor sends a batch over FRAMES_SPLIT in several frames, from a buffer it reuses
+    once ZeroMQ let go of it; the server puts them together in the slot (or a one-off
+    segment) byte for byte."""
     from dataserver.protocol import FRAMES_SPLIT
 
     big = FRAMES_SPLIT + (4 << 20) + 8
-    server = serve(spec="seqs:Sized", args={"n": 4, "big": big, "big_at": [1, 2]},
+    bigs = (1, 2, 3, 4, 6)
+    server = serve(spec="seqs:Sized", args={"n": 8, "big": big, "big_at": list(bigs)},
                    backend="ray", ray_transport="frames", workers=1)
     with RemoteSequence(server.endpoint) as rs:
-        got = [(x.nbytes, bool((x == i).all()), int(y[0])) for i, (x, y) in enumerate(rs)]
-    assert got == [(big if i in (1, 2) else 4096, True, i) for i in range(4)]
+        for _epoch in range(2):
+            got = [(x.nbytes, bool((x == i).all()), int(y[0])) for i, (x, y) in enumerate(rs)]
+            assert got == [(big if i in bigs else 4096, True, i) for i in range(8)]
+            rs.on_epoch_end()
 
 
 def test_ray_worker_memory_cap_uses_what_the_actors_report(serve: Any) -> None:
