@@ -91,6 +91,8 @@ def send_tracked(sock: zmq.Socket[bytes], parts: list[Any]) -> zmq.MessageTracke
               for p in parts]
     sock.send_multipart(frames, copy=False)
     return zmq.MessageTracker(*[f for f in frames if isinstance(f, zmq.Frame)])
+
+
 #: Largest message the server accepts from a consumer: consumer messages are all small.
 MAX_CONSUMER_MESSAGE_BYTES = 1 << 20
 
