@@ -237,7 +237,8 @@ class _Worker:
     def payload(self, nbytes: int) -> np.ndarray[Any, Any]:
         """Where a batch sent as frames is laid out. For one over FRAMES_SPLIT: a buffer an
         earlier batch was sent from, once ZeroMQ let go of it (at most twice as big), else a
-        new one; serve() keeps it with the tracker of its send."""
+        new one; serve() keeps it with the tracker of its send, and lets go of the spare ones
+        when it has had nothing to do for a poll interval."""
         if nbytes <= FRAMES_SPLIT:
             return np.empty(nbytes, np.uint8)
         buf = None
@@ -274,6 +275,8 @@ class _Worker:
                 self.report_memory()
             events = dict(poller.poll(0 if queue else poll_ms))
             if not events and not queue:
+                if self.sent:  # idle: keep no buffer ZeroMQ is done with (see payload)
+                    self.sent = [e for e in self.sent if not e[1].done]
                 if self.spec.kind == "process" and (
                         os.getppid() != self.parent
                         or (self.spec.server_pid and not pid_alive(self.spec.server_pid))):
@@ -297,6 +300,7 @@ class _Worker:
                         self.sock.send_multipart(answer, copy=False)
                 elif self.answers is None or not self.answers.send(answer):  # type: ignore[arg-type]
                     self.sock.send(answer)  # type: ignore[arg-type]
+                del answer, pending  # the batch's bytes: not kept alive until the next task
 
     def receive(self, events: dict[Any, int]) -> list[bytes]:
         """The server's messages waiting, in the order it sent them. It writes the FIFO until

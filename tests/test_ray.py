@@ -127,17 +127,24 @@ def test_ray_frames_carry_batches_bigger_than_a_frame(serve: Any) -> None:
     """An actor sends a batch over FRAMES_SPLIT in several frames, from a buffer it reuses
     once ZeroMQ let go of it; the server puts them together in the slot (or a one-off
     segment) byte for byte."""
+    import psutil
+
     from dataserver.protocol import FRAMES_SPLIT
 
     big = FRAMES_SPLIT + (4 << 20) + 8
     bigs = (1, 2, 3, 4, 6)
     server = serve(spec="seqs:Sized", args={"n": 8, "big": big, "big_at": list(bigs)},
                    backend="ray", ray_transport="frames", workers=1)
+    actor = psutil.Process(fetch_status(server.endpoint)["workers"][0]["pid"])
+    before = actor.memory_full_info().uss
     with RemoteSequence(server.endpoint) as rs:
         for _epoch in range(2):
             got = [(x.nbytes, bool((x == i).all()), int(y[0])) for i, (x, y) in enumerate(rs)]
             assert got == [(big if i in bigs else 4096, True, i) for i in range(8)]
             rs.on_epoch_end()
+    # idle, the actor keeps none of those buffers (each is bigger than this margin)
+    wait_for(lambda: actor.memory_full_info().uss < before + (16 << 20),
+             "the idle actor to let go of its big batches' buffers")
 
 
 def test_ray_worker_memory_cap_uses_what_the_actors_report(serve: Any) -> None:
