@@ -186,15 +186,19 @@ def test_big_frames_batches_reuse_buffers_no_batch_holds() -> None:
         ctx.term()
 
 
-def test_a_frames_consumer_reads_batches_bigger_than_a_frame(serve: Any) -> None:
+@pytest.mark.parametrize("copy", [False, True])
+def test_a_frames_consumer_reads_batches_bigger_than_a_frame(serve: Any, copy: bool) -> None:
+    """Big batches come in several frames into recycled buffers: views of them or, with
+    copy=True, arrays of the consumer's own."""
     from dataserver.protocol import FRAMES_SPLIT
 
     big = FRAMES_SPLIT + (4 << 20)
     server = serve(seqs.Sized(6, big=big, big_at=(1, 2, 4)), workers=2)
-    with RemoteSequence(server.endpoint, transport="frames") as seq:
+    with RemoteSequence(server.endpoint, transport="frames", copy=copy) as seq:
         for _epoch in range(2):
-            got = [(x.nbytes, bool((x == i).all()), int(y[0])) for i, (x, y) in enumerate(seq)]
-            assert got == [(big if i in (1, 2, 4) else 4096, True, i) for i in range(6)]
+            got = [(x.nbytes, bool((x == i).all()), int(y[0]), x.base is None)
+                   for i, (x, y) in enumerate(seq)]
+            assert got == [(big if i in (1, 2, 4) else 4096, True, i, copy) for i in range(6)]
             seq.on_epoch_end()
     wait_for(lambda: fetch_status(server.endpoint)["ring"]["held"] == 0, "every slot released")
 
@@ -260,3 +264,25 @@ def test_send_tracked_says_done_only_once_every_part_has_left(tmp_path: Path) ->
         tx.close(0)
         rx.close(0)
         ctx.term()
+
+
+def test_a_spare_buffer_recycled_meanwhile_is_lent_once() -> None:
+    """A batch dropped in another thread recycles its buffer from a weak-reference callback,
+    which may let go of the oldest spare while the consumer's thread picks one: the buffer it
+    picks must leave the spare list, and no other with it."""
+    from client._batches import FrameBatches
+
+    batches = FrameBatches(copy=False, keep=4)
+    small, other = bytearray(10), bytearray(120)
+
+    class Picked(bytearray):
+        def __len__(self) -> int:  # looked at while picking: "another thread" lets go of
+            if batches._spare and batches._spare[0] is small:  # the oldest spare now
+                del batches._spare[0]
+            return super().__len__()
+
+    picked = Picked(150)
+    batches._spare = [small, picked, other]  # type: ignore[list-item]
+    region, _view = batches._buffer(100)
+    assert region.base.obj is picked
+    assert batches._spare == [other] and batches._spare[0] is other
