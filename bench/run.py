@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -195,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return keras_fit.main([x for x in args if x != "--keras"])
     a = parse(argv)
+    # SIGTERM (a stopped run): unwind, so the servers close and the private directories go
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(128 + signal.SIGTERM))
     before = set(os.listdir("/dev/shm"))
     from bench import peers  # imports the peers' frameworks now, before any measurement
 
