@@ -27,6 +27,7 @@ from dataserver.protocol import (
     VERSION,
     Hello,
     Pipes,
+    Pong,
     Ready,
     Want,
     Welcome,
@@ -246,3 +247,62 @@ def test_a_welcome_naming_a_ring_not_its_own_is_refused(isolated: dict[str, Path
         thread.join(5)
         ctx.term()
         Path(endpoint.removeprefix("ipc://")).unlink()
+
+
+@pytest.fixture(scope="module")
+def pair() -> Any:
+    """Two connected inproc sockets: what a server sends, what a frames consumer reads."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    tx, rx = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    tx.bind("inproc://fuzz-frames")
+    rx.connect("inproc://fuzz-frames")
+    yield tx, rx
+    tx.close(0)
+    rx.close(0)
+    ctx.term()
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_fuzzed_batch_frames_arrive_whole_or_are_refused(pair: Any, data: Any) -> None:
+    """However a server cuts a batch into frames (right, short, long, extra), the consumer
+    gets exactly the bytes announced or one ProtocolError, and the next message reads clean."""
+    tx, rx = pair
+    big = data.draw(st.booleans())
+    nbytes = data.draw(st.integers(FRAMES_SPLIT + 1, FRAMES_SPLIT + 2 * FRAME_CHUNK) if big
+                       else st.integers(0, 4096))
+    cuts = sorted(data.draw(st.lists(st.integers(0, nbytes), max_size=6 if big else 1)))
+    sizes = [b - a for a, b in zip([0, *cuts], [*cuts, nbytes], strict=True)]
+    mutate = data.draw(st.sampled_from(["none", "drop", "extra", "longer", "shorter"]))
+    if mutate == "drop":
+        sizes = sizes[:-1]
+    elif mutate == "extra":
+        sizes = [*sizes, data.draw(st.integers(0, 8))]
+    elif mutate in ("longer", "shorter"):
+        i = data.draw(st.integers(0, len(sizes) - 1))
+        sizes[i] = max(0, sizes[i] + (5 if mutate == "longer" else -5))
+    total = sum(sizes)
+    payload = (bytes(range(251)) * (total // 251 + 1))[:total]  # where each byte lands shows
+    frames, at = [], 0
+    for size in sizes:
+        frames.append(payload[at : at + size])
+        at += size
+    tx.send_multipart([msgpack.packb([Ready.KIND, [[0, 0, 0, 1, "", 0, nbytes, b"\x90"]]]),
+                       *frames])
+    tx.send(encode(Pong()))  # the next message: must read clean whatever came before
+    assert rx.poll(10_000)
+    reached = [sum(sizes[: k + 1]) for k in range(len(sizes))]
+    whole = (len(sizes) == 1 if not big
+             else total == nbytes and (len(sizes) < 2 or reached[-2] < nbytes))
+    batches = FrameBatches(copy=False, keep=2)
+    try:
+        msg = batches.read(rx)
+    except ProtocolError:
+        assert not whole, f"refused frames {sizes} that make {nbytes} bytes"
+    else:
+        assert whole, f"accepted frames {sizes} for {nbytes} bytes"
+        got = msg.items[0][8]
+        body = bytes(got.buffer if isinstance(got, zmq.Frame) else got)
+        assert body == payload
+    assert rx.poll(10_000)
+    assert isinstance(decode(rx.recv()), Pong)
