@@ -10,7 +10,8 @@
   dies. The server released the slot when it sent the bytes, so there is no lease.
 
 Both take the same Ready items (``[epoch, pos, index, bid, segment, offset, nbytes, layout]``,
-frames add the frame) and have the same surface, so RemoteSequence does not know which it has.
+frames add the bytes: a zmq.Frame, or a region of a recycled buffer) and have the same surface,
+so RemoteSequence does not know which it has.
 """
 
 from __future__ import annotations
