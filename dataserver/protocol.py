@@ -87,7 +87,9 @@ def send_tracked(sock: zmq.Socket[bytes], parts: list[Any]) -> zmq.MessageTracke
     ZeroMQ has let go of all of them, so their memory may be written again. (pyzmq's
     ``send_multipart(track=True)`` tracks only the last part: one small enough to be copied is
     done at once, while the big parts before it are still on their way.)"""
-    frames = [zmq.Frame(p, track=True) if memoryview(p).nbytes >= zmq.COPY_THRESHOLD else p
+    # (.nbytes or len(): a memoryview() of every part cost 4x the check, ~0.1 us per batch)
+    frames = [zmq.Frame(p, track=True)
+              if (p.nbytes if type(p) is memoryview else len(p)) >= zmq.COPY_THRESHOLD else p
               for p in parts]
     sock.send_multipart(frames, copy=False)
     return zmq.MessageTracker(*[f for f in frames if isinstance(f, zmq.Frame)])
