@@ -190,8 +190,9 @@ class _TorchAdapter:
         """A batch as this adapter yields it: arrays as tensors (pinned copies if asked)."""
         with warnings.catch_warnings():
             # torch warns that it "does not support non-writable tensors": the arrays are
-            # read-only views of shared memory mapped read-only, and the tensors share that
-            # memory, which must never be written (see the module docstring). The warning says
+            # read-only views of shared memory mapped read-only (or of received frames, marked
+            # read-only alike), and the tensors share that memory, which must never be written
+            # (see the module docstring). The warning says
             # nothing the caller can act on per batch, so it is silenced here, for this
             # message only.
             warnings.filterwarnings("ignore", message=_TORCH_READONLY_WARNING,

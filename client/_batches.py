@@ -186,6 +186,9 @@ class FrameBatches:
     def build(self, item: list[Any]) -> Any:
         data = item[8]
         region = data if isinstance(data, np.ndarray) else np.frombuffer(data.buffer, np.uint8)
+        # read-only, as a ring view is: code that writes into a batch fails the same way
+        # whichever transport it runs on (copy=True gives writable arrays of its own)
+        region.flags.writeable = False
         return layout.build(item[7], region, copy=self.copy)
 
     def drop(self, item: list[Any]) -> None:

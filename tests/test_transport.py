@@ -196,9 +196,11 @@ def test_a_frames_consumer_reads_batches_bigger_than_a_frame(serve: Any, copy: b
     server = serve(seqs.Sized(6, big=big, big_at=(1, 2, 4)), workers=2)
     with RemoteSequence(server.endpoint, transport="frames", copy=copy) as seq:
         for _epoch in range(2):
-            got = [(x.nbytes, bool((x == i).all()), int(y[0]), x.base is None)
-                   for i, (x, y) in enumerate(seq)]
-            assert got == [(big if i in (1, 2, 4) else 4096, True, i, copy) for i in range(6)]
+            got = [(x.nbytes, bool((x == i).all()), int(y[0]), x.base is None,
+                    x.flags.writeable, y.flags.writeable) for i, (x, y) in enumerate(seq)]
+            # views are read-only, as ring views are; copies are the consumer's own
+            assert got == [(big if i in (1, 2, 4) else 4096, True, i, copy, copy, copy)
+                           for i in range(6)]
             seq.on_epoch_end()
     wait_for(lambda: fetch_status(server.endpoint)["ring"]["held"] == 0, "every slot released")
 
