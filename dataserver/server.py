@@ -352,15 +352,19 @@ class Server(StartUp, ConsumerSide):
             self.ctx.destroy(linger=0)
         if self.ring is not None:
             self.ring.close()
+        removed = 0
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self.shm_dir):
                 if shm.owned_by(self.server_id, entry.name):
                     shm.unlink(Path(entry.path))
+                    removed += 1
         if self.lock is not None:
             self.lock.release()
         if self.rundir is not None:
             shutil.rmtree(self.rundir, ignore_errors=True)
-        log.info("stopped; removed the ring and every segment of server %s", self.server_id)
+        # a server that failed to start made none: do not claim to have removed a ring
+        log.info("stopped; removed %d file(s) of server %s from %s", removed, self.server_id,
+                 self.shm_dir)
 
 
 def run_in_child(config: ServerConfig, source: SequenceSource | dict[str, SequenceSource],
