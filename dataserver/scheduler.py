@@ -147,10 +147,20 @@ class Scheduler(Dispatch):
             if urgent and pos == start and e.state == PENDING:
                 e.urgent = True
                 self.pending.appendleft(e)
+            if urgent and self._owed(c, e, pos):
+                continue
             self._wait(c, e, pos)
         if urgent and c.frames:
             self._send_in_order(c)
         return None
+
+    @staticmethod
+    def _owed(c: ConsumerState, e: Entry, pos: int) -> bool:
+        """Whether ``c`` is owed ``e`` at ``pos`` already: it waits for it, or its announcement
+        is on the way (``c`` holds its lease). An urgent Want for such a batch (a consumer
+        blocked on what it asked for earlier) only moves it forward: another waiter would
+        announce it twice, and a frames consumer would be sent its bytes twice."""
+        return (c.cid, pos) in e.waiters or (e.state == READY and c.leases[e.bid] > 0)
 
     def fetch(self, cid: bytes, epoch: int, index: int) -> str | None:
         c = self.consumers.get(cid)

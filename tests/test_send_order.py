@@ -76,17 +76,19 @@ def test_a_consumer_blocked_further_on_gets_its_batch_at_once() -> None:
     _finish(s, tasks[3])
     assert _sent(s) == []
     assert s.want(b"c", 0, 3, 4, 1, True) is None  # blocked on position 3
-    assert _sent(s) == [3, 3]  # the prefetched announcement, and the urgent want's
+    assert _sent(s) == [3]  # once: the urgent want only let the prefetched announcement go
     _finish(s, tasks[1])
     assert _sent(s) == [1]  # behind the floor: sent as it comes (the consumer drops it)
-    # the consumer reads the epoch again from the start: the order holds again from there
-    assert s.want(b"c", 0, 0, 3, 1, True) is None
-    assert _tasks(s) == {}  # 0 and 2 are still being made, 1 is cached
-    assert _sent(s) == []  # 1 waits for 0
+    # the consumer reads the epoch again from the start: it asks again, as its prefetch does,
+    # and blocks on position 0; the order holds again from there
+    assert s.want(b"c", 0, 0, 3, 1, False) is None
+    assert _sent(s) == [1]  # made already: the floor of the jump to 3 still lets it go
+    assert s.want(b"c", 0, 0, 1, 1, True) is None  # blocked on 0: the order holds from there
+    assert _tasks(s) == {}  # 0 and 2 are still being made
     _finish(s, tasks[2])
-    assert _sent(s) == []
+    assert _sent(s) == []  # 2 waits for 0
     _finish(s, tasks[0])
-    assert _sent(s) == [0, 0, 1, 2, 2]  # 0 and 2 were owed twice (before and after going back)
+    assert _sent(s) == [0, 0, 2, 2]  # 0 and 2 were owed twice (before and after going back)
 
 
 def test_shared_memory_consumers_get_announcements_as_batches_are_made() -> None:
@@ -95,3 +97,24 @@ def test_shared_memory_consumers_get_announcements_as_batches_are_made() -> None
     tasks = _tasks(s)
     _finish(s, tasks[1])
     assert _sent(s) == [1]  # the client reorders what it maps; nothing waits on a socket
+
+
+def test_an_urgent_want_for_what_is_owed_already_announces_it_once() -> None:
+    """A consumer blocked on a batch it asked for sends an urgent want after a while: that
+    moves the batch forward, and adds no second announcement (for a frames consumer, a
+    second copy of the batch's bytes), whether the batch is still being made or its
+    announcement is on the way."""
+    for frames in (False, True):
+        s, c = _scheduler(frames=frames)
+        assert s.want(b"c", 0, 0, 3, 1, False) is None
+        tasks = _tasks(s)
+        assert s.want(b"c", 0, 0, 1, 1, True) is None  # still being made: waited for already
+        _finish(s, tasks[0])
+        assert _sent(s) == [0]
+        assert s.want(b"c", 0, 0, 1, 1, True) is None  # announced, not yet read: leased
+        assert _sent(s) == []
+        assert c.leases.total() == 1
+        # released (read and dropped): an urgent want asks for it anew, as a plain one would
+        s.release(b"c", [tasks[0][1]])
+        assert s.want(b"c", 0, 0, 1, 1, True) is None
+        assert _sent(s) == [0]

@@ -52,6 +52,27 @@ def test_frames_transport_has_the_same_semantics(serve: Any, endpoint_kind: str,
     wait_for(lambda: fetch_status(server.endpoint)["ring"]["held"] == 0, "every slot released")
 
 
+@pytest.mark.parametrize("transport", ["shm", "frames"])
+def test_a_slow_batch_is_announced_once(serve: Any, transport: str) -> None:
+    """Every batch takes longer than the client waits before its urgent want, which only
+    moves the batch forward: no position is announced twice (for a frames consumer that was
+    every such batch's bytes sent twice)."""
+    from dataserver.client._receive import URGENT_AFTER_S
+
+    server = serve(seqs.Indexed(5, delay=3 * URGENT_AFTER_S), workers=1)
+    with RemoteSequence(server.endpoint, transport=transport, prefetch=2) as seq:
+        routed: list[tuple[int, int]] = []
+        route = seq._route
+
+        def counting(epoch: int, pos: int, index: int, item: Any) -> None:
+            routed.append((epoch, pos))
+            route(epoch, pos, index, item)
+
+        seq._route = counting  # type: ignore[method-assign]
+        assert [int(y[0]) for _x, y in seq] == list(range(5))
+        assert len(routed) == len(set(routed)) and len(routed) >= 4, routed
+
+
 def test_an_unknown_transport_is_refused_before_connecting() -> None:
     with pytest.raises(ValueError, match="transport must be auto, shm or frames, got 'udp'"):
         RemoteSequence("ipc:///nonexistent", transport="udp", timeout=0.1)
