@@ -119,8 +119,12 @@ class Want(Message):
     """Produce and announce positions ``range(start, stop, step)`` of ``epoch``'s order (a shard
     of ``world`` ranks reads every ``world``-th position).
 
-    ``urgent`` says the consumer is blocked on ``start``: the server produces it even if every
-    ring slot is held (into a one-off segment), so holding batches can never deadlock.
+    Each position asked for is announced once per Want (a position asked for twice, say when
+    an epoch is read again, is announced twice). ``urgent`` says the consumer is blocked on
+    ``start``: the server produces it even if every ring slot is held (into a one-off
+    segment), so holding batches can never deadlock. An urgent Want for a position the
+    consumer is owed already (it waits for it, or holds the lease of its announcement on the
+    way) only does that: it adds no announcement.
     """
 
     epoch: int
