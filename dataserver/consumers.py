@@ -80,7 +80,7 @@ class ConsumerSide:
     _pipes: dict[bytes, tuple[int, Inbox, Outbox]]
     _by_token: dict[int, bytes]
     _next_token: int
-    _in_flight_frames: deque[tuple[Any, bytes, list[int], list[shm.Segment]]]
+    _in_flight_frames: deque[tuple[Any, bytes, list[list[Any]], list[shm.Segment]]]
 
     def _send_client(self, cid: bytes, data: bytes) -> bool:
         """Send through the consumer's FIFO if it has one and ``data`` fits, else the socket.
@@ -170,14 +170,15 @@ class ConsumerSide:
                 view = memoryview(self.ring.mm)[offset : offset + nbytes]
             views.extend(frame_chunks(view))
         tracker = send_tracked(self.clients, [cid, encode(Ready(ready)), *views])
-        self._in_flight_frames.append((tracker, cid, [item[3] for item in ready], keep))
+        self._in_flight_frames.append((tracker, cid, ready, keep))
 
     def _reap_frames(self) -> None:
         """End the leases of batches whose frames have left."""
         assert self.sched is not None
         while self._in_flight_frames and self._in_flight_frames[0][0].done:
-            _tracker, cid, bids, keep = self._in_flight_frames.popleft()
-            self.sched.release(cid, bids)
+            _tracker, cid, items, keep = self._in_flight_frames.popleft()
+            self.sched.sent(cid, items)
+            self.sched.release(cid, [item[3] for item in items])
             for seg in keep:
                 seg.close()
 

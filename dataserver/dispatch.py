@@ -305,6 +305,7 @@ class Dispatch(Streams):
             if c.frames and pos >= 0:
                 c.order.settle(e.epoch, pos)
                 c.order.hold(e.epoch, pos, item)
+                c.sending[e.epoch, pos] += 1
                 self._send_in_order(c)
             else:
                 self.out_ready.setdefault(cid, []).append(item)

@@ -156,11 +156,25 @@ class Scheduler(Dispatch):
 
     @staticmethod
     def _owed(c: ConsumerState, e: Entry, pos: int) -> bool:
-        """Whether ``c`` is owed ``e`` at ``pos`` already: it waits for it, or its announcement
-        is on the way (``c`` holds its lease). An urgent Want for such a batch (a consumer
-        blocked on what it asked for earlier) only moves it forward: another waiter would
-        announce it twice, and a frames consumer would be sent its bytes twice."""
-        return (c.cid, pos) in e.waiters or (e.state == READY and c.leases[e.bid] > 0)
+        """Whether ``c`` is owed ``e`` at ``pos`` already: it waits for it or, a frames
+        consumer, its frames are still on their way out. An urgent Want for such a batch (a
+        consumer blocked on what it asked for earlier) only moves it forward: another waiter
+        would announce it twice, and a frames consumer would be sent its bytes twice. (A
+        consumer of the ring reads an announcement within microseconds of its sending.)"""
+        return (c.cid, pos) in e.waiters or c.sending[e.epoch, pos] > 0
+
+    def sent(self, cid: bytes, items: list[list[Any]]) -> None:
+        """The frames of these announcements (a frames consumer's Ready items) have left
+        (their leases end too: :meth:`release`)."""
+        c = self.consumers.get(cid)
+        if c is None:
+            return
+        for item in items:
+            key = (item[0], item[1])
+            if item[1] >= 0 and c.sending[key] > 0:
+                c.sending[key] -= 1
+                if not c.sending[key]:
+                    del c.sending[key]
 
     def fetch(self, cid: bytes, epoch: int, index: int) -> str | None:
         c = self.consumers.get(cid)

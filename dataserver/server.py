@@ -85,7 +85,8 @@ class Server(StartUp, ConsumerSide):
         self._sentinels: dict[int, int] = {}  # fd -> incarnation
         self.poller = zmq.Poller()
         self.monitor = Monitor(segment_prefix(self.shm_dir, self.server_id))
-        self._in_flight_frames: deque[tuple[Any, bytes, list[int], list[shm.Segment]]] = deque()
+        self._in_flight_frames: deque[tuple[Any, bytes, list[list[Any]], list[shm.Segment]]] = (
+            deque())
         self.exporter: Any = None  # dataserver.metrics.MetricsExporter with --metrics
         self.authenticator: Any = None  # zmq ThreadAuthenticator with --curve-keys
         self._retire_since: dict[int, float] = {}

@@ -156,6 +156,9 @@ class ConsumerState:
     gone: bool = False  # said Bye but still holds views (leases kept until its pid exits)
     frames: bool = False  # gets batch bytes as ZeroMQ frames (cannot map the ring)
     order: SendOrder = field(default_factory=SendOrder)  # frames only: send in position order
+    # frames only: (epoch, position) announced and its frames not all gone (held in ``order``,
+    # queued or being sent): what an urgent Want must not announce again
+    sending: Counter[tuple[int, int]] = field(default_factory=Counter)
     takes: int = 0  # generator items asked for and not yet handed over
     ended: bool = False  # told that its generator dataset ended
     joined: float = field(default_factory=time.monotonic)

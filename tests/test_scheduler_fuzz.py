@@ -24,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dataserver.cache import IDLE_S
+from dataserver.protocol import Failed
 from dataserver.scheduler import READY, ConsumerState, Dataset, Scheduler, WorkerState
 from dataserver.state import RUNNING
 
@@ -46,7 +47,7 @@ class Client:
     epoch: int = 0
     cursor: int = 0
     asked: int = 0
-    got: dict[int, list[Any]] = field(default_factory=dict)
+    got: dict[int, list[Any] | Failed] = field(default_factory=dict)  # a failure: raised there
     holding: list[list[Any]] = field(default_factory=list)
     done_epochs: int = 0
 
@@ -56,6 +57,11 @@ class Client:
 
     def pos(self, p: int) -> int:
         return self.rank + p * self.world
+
+
+def _batches(items: Any) -> list[list[Any]]:
+    """The announcements among what arrived (failures hold no lease)."""
+    return [item for item in items if not isinstance(item, Failed)]
 
 
 class World:
@@ -112,12 +118,13 @@ class World:
         item = c.got.pop(c.cursor, None)
         if item is None:
             return
-        self._check_bytes(c, item, "read")
-        c.holding.append(item)
+        if not isinstance(item, Failed):  # a failure is raised there, and read past
+            self._check_bytes(c, item, "read")
+            c.holding.append(item)
         c.cursor += 1
         if c.cursor == c.n:  # on_epoch_end
             self.s.epoch_end(c.cid, c.epoch)
-            self._release(c, list(c.got.values()))
+            self._release(c, _batches(c.got.values()))
             c.got.clear()
             c.epoch += 1
             c.cursor = c.asked = 0
@@ -177,7 +184,7 @@ class World:
         s = self.s
         s.dispatch()
         held_slots = {item[5] // SLOT_BYTES for c in self.clients.values()
-                      for item in [*c.holding, *c.got.values()] if not item[4]}
+                      for item in [*c.holding, *_batches(c.got.values())] if not item[4]}
         for wid, tasks in s.out_tasks.items():
             for task in tasks:
                 slot = task[4]
@@ -188,6 +195,8 @@ class World:
         for cid, items in s.out_ready.items():
             c = self.clients.get(cid)
             assert c is not None, f"announcements for {cid!r} after it left"
+            if c.frames:  # sent at once here (the leases stay with the client's releases)
+                s.sent(cid, items)
             for item in items:
                 self._check_bytes(c, item, "announced")
                 epoch, pos = item[0], item[1]
@@ -203,8 +212,15 @@ class World:
                 else:  # a duplicate (an urgent want of what was asked) or stale: dropped
                     self._release(c, [item])
         s.out_ready.clear()
+        for cid, f in s.out_failed:  # a batch that failed for good (its worker died each time)
+            c = self.clients.get(cid)
+            assert c is not None, f"a failure for {cid!r} after it left"
+            p, off = divmod(f.pos - c.rank, c.world)
+            if f.pos >= 0 and f.epoch == c.epoch and not off and p >= c.cursor and p not in c.got:
+                c.got[p] = f  # it settles the position: a frames consumer's later ones may go
+        s.out_failed.clear()
         held_segments = {item[4] for c in self.clients.values()
-                         for item in [*c.holding, *c.got.values()] if item[4]}
+                         for item in [*c.holding, *_batches(c.got.values())] if item[4]}
         for name in s.to_unlink:
             assert name not in held_segments, f"{name} unlinked while held"
             self.seg_has.pop(name, None)

@@ -102,19 +102,33 @@ def test_shared_memory_consumers_get_announcements_as_batches_are_made() -> None
 def test_an_urgent_want_for_what_is_owed_already_announces_it_once() -> None:
     """A consumer blocked on a batch it asked for sends an urgent want after a while: that
     moves the batch forward, and adds no second announcement (for a frames consumer, a
-    second copy of the batch's bytes), whether the batch is still being made or its
-    announcement is on the way."""
+    second copy of the batch's bytes) while the batch is being made or, for a frames
+    consumer, while its frames are on their way out."""
     for frames in (False, True):
         s, c = _scheduler(frames=frames)
         assert s.want(b"c", 0, 0, 3, 1, False) is None
         tasks = _tasks(s)
-        assert s.want(b"c", 0, 0, 1, 1, True) is None  # still being made: waited for already
+        assert s.want(b"c", 0, 0, 1, 1, True) is None  # being made: waited for already
         _finish(s, tasks[0])
-        assert _sent(s) == [0]
-        assert s.want(b"c", 0, 0, 1, 1, True) is None  # announced, not yet read: leased
-        assert _sent(s) == []
-        assert c.leases.total() == 1
-        # released (read and dropped): an urgent want asks for it anew, as a plain one would
-        s.release(b"c", [tasks[0][1]])
+        ready = s.out_ready.pop(b"c")
+        assert [item[1] for item in ready] == [0]
         assert s.want(b"c", 0, 0, 1, 1, True) is None
+        # a frames consumer's announcement is on its way until its frames have left; one of
+        # the ring's is read at once: asked for again, it is announced again
+        assert _sent(s) == ([] if frames else [0])
+        s.sent(b"c", ready)
+        assert not c.sending
+        assert s.want(b"c", 0, 0, 1, 1, True) is None  # gone: a request like any other
         assert _sent(s) == [0]
+
+
+def test_an_urgent_want_for_a_position_of_a_fetched_batch_announces_it() -> None:
+    """Holding a batch from random access is not being owed its position: an urgent want for
+    that position (the consumer asked for nothing else) is announced."""
+    s, _c = _scheduler(frames=True)
+    assert s.fetch(b"c", 0, 0) is None
+    tasks = _tasks(s)
+    _finish(s, tasks[0])
+    assert _sent(s) == [-1]
+    assert s.want(b"c", 0, 0, 1, 1, True) is None
+    assert _sent(s) == [0]
