@@ -123,8 +123,8 @@ class Want(Message):
     an epoch is read again, is announced twice). ``urgent`` says the consumer is blocked on
     ``start``: the server produces it even if every ring slot is held (into a one-off
     segment), so holding batches can never deadlock. An urgent Want for a position the
-    consumer is owed already (it waits for it, or holds the lease of its announcement on the
-    way) only does that: it adds no announcement.
+    consumer is owed already (it waits for it or, a frames consumer, its announcement's frames
+    are still leaving the server) only does that: it adds no announcement.
     """
 
     epoch: int
