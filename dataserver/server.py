@@ -203,6 +203,11 @@ class Server(StartUp, ConsumerSide):
         for wid, items in sched.out_tasks.items():
             self._send_worker(wid, Tasks(items))
         sched.out_tasks.clear()
+        # failures first: one settles a position that comes before the batches it lets go to
+        # a frames consumer (which would otherwise learn of it only after their bytes)
+        for cid, failed in sched.out_failed:
+            self._send_client(cid, encode(failed))
+        sched.out_failed.clear()
         for cid, ready in sched.out_ready.items():
             c = sched.consumers.get(cid)
             if c is not None and c.frames:
@@ -210,9 +215,6 @@ class Server(StartUp, ConsumerSide):
             else:
                 self._send_ready(cid, ready)
         sched.out_ready.clear()
-        for cid, failed in sched.out_failed:
-            self._send_client(cid, encode(failed))
-        sched.out_failed.clear()
         for cid in sched.out_ended:
             # by socket, never the FIFO: an announcement that went by socket before it (too
             # long, or the FIFO full) must not be overtaken; what went by FIFO is read first

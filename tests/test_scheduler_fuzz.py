@@ -192,6 +192,15 @@ class World:
                 assert slot not in self.abandoned, f"slot {slot} of a hung thread reused"
                 self.queues[wid].append(task)
         s.out_tasks.clear()
+        # failures first, as the server sends them (one settles a position before the batches
+        # it lets go to a frames consumer)
+        for cid, f in s.out_failed:  # a batch that failed for good (its worker died each time)
+            c = self.clients.get(cid)
+            assert c is not None, f"a failure for {cid!r} after it left"
+            p, off = divmod(f.pos - c.rank, c.world)
+            if f.pos >= 0 and f.epoch == c.epoch and not off and p >= c.cursor and p not in c.got:
+                c.got[p] = f  # it settles the position: a frames consumer's later ones may go
+        s.out_failed.clear()
         for cid, items in s.out_ready.items():
             c = self.clients.get(cid)
             assert c is not None, f"announcements for {cid!r} after it left"
@@ -209,16 +218,9 @@ class World:
                         gaps = [q for q in range(c.cursor, p) if q not in c.got]
                         assert not gaps, f"frames: {p} sent before {gaps} (cursor {c.cursor})"
                     c.got[p] = item
-                else:  # a duplicate (an urgent want of what was asked) or stale: dropped
+                else:  # asked twice (an epoch read again) or stale: dropped
                     self._release(c, [item])
         s.out_ready.clear()
-        for cid, f in s.out_failed:  # a batch that failed for good (its worker died each time)
-            c = self.clients.get(cid)
-            assert c is not None, f"a failure for {cid!r} after it left"
-            p, off = divmod(f.pos - c.rank, c.world)
-            if f.pos >= 0 and f.epoch == c.epoch and not off and p >= c.cursor and p not in c.got:
-                c.got[p] = f  # it settles the position: a frames consumer's later ones may go
-        s.out_failed.clear()
         held_segments = {item[4] for c in self.clients.values()
                          for item in [*c.holding, *_batches(c.got.values())] if item[4]}
         for name in s.to_unlink:
